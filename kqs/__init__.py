@@ -1,0 +1,3 @@
+"""kqs: a durable job queueing service."""
+
+__version__ = "0.1.0"

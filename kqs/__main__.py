@@ -1,0 +1,3 @@
+from kqs.cli import main
+
+main()
