@@ -1,0 +1,212 @@
+"""Journal records: framing, CRC, payloads, and a scanner that finds damage.
+
+A record on disk is a 10-byte header, a kind byte and a payload:
+
+    magic b"\\xa5K" | length u32 LE | crc u32 LE | kind u8 | payload
+
+`length` counts the kind byte and the payload; `crc` is zlib.crc32 of the same bytes.
+Every payload starts with the job id (u8 length, then ASCII); what follows depends on
+the kind (see `Kind`). docs/journal.md is the full description.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+
+MAGIC = b"\xa5K"
+HEADER = struct.Struct("<2sII")
+HEADER_SIZE = HEADER.size
+MAX_LENGTH = 2**30
+"""Sanity bound on a record's length field (kind + payload): anything larger is damage."""
+MAX_ID_BYTES = 255
+BID = struct.Struct("<Q")
+
+
+class Kind(IntEnum):
+    """What a record says about its job."""
+
+    INSERT = 1  # id, then the job body (opaque bytes)
+    FED = 2  # id, then u64 beanstalkd id
+    DONE = 3  # id only
+    DEAD = 4  # id, then info bytes (opaque JSON)
+    REVIVE = 5  # id only
+    PURGE = 6  # id only
+
+
+_KINDS = frozenset(int(k) for k in Kind)
+_ID_ONLY = frozenset({Kind.DONE, Kind.REVIVE, Kind.PURGE})
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One valid record found in a buffer: where it starts, its size, and what it says."""
+
+    offset: int
+    size: int
+    kind: Kind
+    job_id: str
+    data: bytes  # the payload after the id: body, packed bid, info, or b""
+
+    @property
+    def data_offset(self) -> int:
+        """Offset in the buffer of `data` (for INSERT: where the job body starts)."""
+        return self.offset + data_start(self.job_id)
+
+
+@dataclass(frozen=True, slots=True)
+class BadRange:
+    """Bytes [start, end) that hold no valid record.
+
+    `torn` is True when no valid record follows (the damage runs to the end of the
+    buffer); otherwise a valid record starts at `end` and the range is corrupt.
+    """
+
+    start: int
+    end: int
+    torn: bool
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def _id_bytes(job_id: str) -> bytes:
+    """The job id as its on-disk bytes; ValueError unless 1-255 ASCII characters."""
+    try:
+        raw = job_id.encode("ascii")
+    except UnicodeEncodeError:
+        raise ValueError(f"job id {job_id!r} must be ASCII") from None
+    if not 1 <= len(raw) <= MAX_ID_BYTES:
+        raise ValueError(f"job id {job_id!r} must be 1-{MAX_ID_BYTES} bytes long")
+    return raw
+
+
+def data_start(job_id: str) -> int:
+    """Offset of a record's data (after header, kind, id length and id) from its start."""
+    return HEADER_SIZE + 2 + len(job_id)
+
+
+def record_size(job_id: str, data_length: int) -> int:
+    """Total bytes of a record about `job_id` carrying `data_length` bytes of data."""
+    return data_start(job_id) + data_length
+
+
+def encode(kind: Kind, job_id: str, data: bytes = b"") -> bytes:
+    """Frame one record; ValueError if the id is not 1-255 ASCII bytes or it is too big."""
+    raw_id = _id_bytes(job_id)
+    body = bytes((kind, len(raw_id))) + raw_id + data
+    if len(body) > MAX_LENGTH:
+        raise ValueError(f"record for job {job_id} is {len(body)} bytes; at most {MAX_LENGTH}")
+    return HEADER.pack(MAGIC, len(body), zlib.crc32(body)) + body
+
+
+def encode_insert(job_id: str, body: bytes) -> bytes:
+    """INSERT: a new job (or a copy-forward of an existing one) with its body."""
+    return encode(Kind.INSERT, job_id, body)
+
+
+def encode_fed(job_id: str, bid: int) -> bytes:
+    """FED: the job is carried by beanstalkd job `bid` (0 <= bid < 2**64)."""
+    return encode(Kind.FED, job_id, pack_bid(bid))
+
+
+def encode_done(job_id: str) -> bytes:
+    """DONE: the job finished; it is retired."""
+    return encode(Kind.DONE, job_id)
+
+
+def encode_dead(job_id: str, info: bytes) -> bytes:
+    """DEAD: the job was declared dead; `info` says why (opaque JSON)."""
+    return encode(Kind.DEAD, job_id, info)
+
+
+def encode_revive(job_id: str) -> bytes:
+    """REVIVE: a dead job is live again and must be fed anew."""
+    return encode(Kind.REVIVE, job_id)
+
+
+def encode_purge(job_id: str) -> bytes:
+    """PURGE: the job is removed without running."""
+    return encode(Kind.PURGE, job_id)
+
+
+def pack_bid(bid: int) -> bytes:
+    """A beanstalkd id as FED data; ValueError when outside u64."""
+    if not 0 <= bid < 2**64:
+        raise ValueError(f"beanstalkd id {bid} is not a u64")
+    return BID.pack(bid)
+
+
+def unpack_bid(data: bytes) -> int:
+    """The beanstalkd id carried by FED data."""
+    bid: int = BID.unpack(data)[0]
+    return bid
+
+
+def decode_at(buf: bytes, offset: int) -> Record | None:
+    """The record starting exactly at `offset` if it is complete and valid, else None.
+
+    Valid means: magic, sane length, all bytes present, CRC match, a known kind, and a
+    payload of the shape that kind requires.
+    """
+    view = memoryview(buf)
+    end_of_header = offset + HEADER_SIZE
+    if end_of_header > len(view):
+        return None
+    magic, length, crc = HEADER.unpack_from(view, offset)
+    if magic != MAGIC or not 2 <= length <= MAX_LENGTH:
+        return None
+    end = end_of_header + length
+    if end > len(view):
+        return None
+    body = view[end_of_header:end]
+    if zlib.crc32(body) != crc or body[0] not in _KINDS:
+        return None
+    kind = Kind(body[0])
+    id_len = body[1]
+    if id_len == 0 or 2 + id_len > length:
+        return None
+    try:
+        job_id = bytes(body[2 : 2 + id_len]).decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    data = bytes(body[2 + id_len :])
+    if (kind is Kind.FED and len(data) != BID.size) or (kind in _ID_ONLY and data):
+        return None
+    return Record(offset, HEADER_SIZE + length, kind, job_id, data)
+
+
+def find_next(buf: bytes, start: int) -> int | None:
+    """The first offset >= `start` where a complete valid record begins, or None."""
+    pos = buf.find(MAGIC, start)
+    while pos != -1:
+        if decode_at(buf, pos) is not None:
+            return pos
+        pos = buf.find(MAGIC, pos + 1)
+    return None
+
+
+def scan(buf: bytes) -> Iterator[Record | BadRange]:
+    """Yield every record of `buf` in order, and a BadRange for every damaged stretch.
+
+    At a bad record, search forward for the next valid record: if one is found, the
+    bytes before it are a corrupt range (`torn=False`) and scanning goes on there;
+    if none is, the bytes to the end are a torn tail (`torn=True`), the last item.
+    """
+    pos = 0
+    while pos < len(buf):
+        rec = decode_at(buf, pos)
+        if rec is not None:
+            yield rec
+            pos += rec.size
+            continue
+        nxt = find_next(buf, pos + 1)
+        if nxt is None:
+            yield BadRange(pos, len(buf), torn=True)
+            return
+        yield BadRange(pos, nxt, torn=False)
+        pos = nxt

@@ -1,0 +1,240 @@
+"""One segment file: its name, creation, appends, reads, repair at start-up, deletion.
+
+A segment is `<dir>/<8-digit number>.seg`, append-only, a plain run of records. This
+module reasons about the bytes of one file; journal.py reasons about the set of them.
+Every function here does blocking I/O through a `DiskIO`: the journal calls them at
+start-up (before serving) or from its worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from kqs.journal.diskio import DiskIO
+from kqs.journal.record import BadRange, Record, scan
+
+log = logging.getLogger("kqs.journal")
+
+SUFFIX = ".seg"
+TMP_SUFFIX = ".seg.tmp"
+QUARANTINE = "quarantine"
+_NAME = re.compile(r"(\d{8,})\.seg")
+_READ_CHUNK = 16 * 2**20
+
+
+class Quarantined(NamedTuple):
+    """Bad bytes moved out of a segment at replay: where they were and where they are."""
+
+    path: Path  # the quarantine file holding the bytes
+    segment: int
+    offset: int  # offset of the bad bytes in the segment as it was found
+    length: int
+
+
+@dataclass(slots=True)
+class Loaded:
+    """A segment after replay repair: its valid records (offsets in the repaired file)."""
+
+    number: int
+    size: int
+    records: list[Record]
+    torn_bytes: int = 0
+    quarantined: list[Quarantined] = field(default_factory=list)
+
+
+def name(number: int) -> str:
+    """File name of segment `number`."""
+    return f"{number:08d}{SUFFIX}"
+
+
+def path_of(directory: Path, number: int) -> Path:
+    return directory / name(number)
+
+
+def list_numbers(io: DiskIO, directory: Path) -> list[int]:
+    """Numbers of the segment files in `directory`, ascending; leftover temp files of an
+    interrupted rewrite are deleted (the original segment is still whole)."""
+    numbers: list[int] = []
+    for entry in io.listdir(directory):
+        if entry.endswith(TMP_SUFFIX):
+            io.unlink(directory / entry)
+            continue
+        match = _NAME.fullmatch(entry)
+        if match is not None:
+            numbers.append(int(match.group(1)))
+    return sorted(numbers)
+
+
+def create(io: DiskIO, directory: Path, number: int) -> int:
+    """Create segment `number` (it must not exist), fsync the directory, return a
+    read/append descriptor."""
+    fd = io.open(path_of(directory, number), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND)
+    try:
+        io.fsync_dir(directory)
+    except BaseException:
+        io.close(fd)
+        raise
+    return fd
+
+
+def open_existing(io: DiskIO, directory: Path, number: int, *, writable: bool) -> int:
+    """Open an existing segment: read/append if `writable` (the active one), else read-only."""
+    flags = os.O_RDWR | os.O_APPEND if writable else os.O_RDONLY
+    return io.open(path_of(directory, number), flags)
+
+
+def append(io: DiskIO, fd: int, data: bytes) -> None:
+    """Write all of `data` at the end of the file (looping over short writes); no fsync.
+
+    OSError if a write fails or takes nothing.
+    """
+    view = memoryview(data)
+    while view:
+        written = io.write(fd, view)
+        if written <= 0:
+            raise OSError(f"write took {written} bytes")
+        view = view[written:]
+
+
+def read_exact(io: DiskIO, fd: int, offset: int, length: int) -> bytes:
+    """Exactly `length` bytes at `offset`; OSError if the file ends first."""
+    parts: list[bytes] = []
+    got = 0
+    while got < length:
+        chunk = io.pread(fd, length - got, offset + got)
+        if not chunk:
+            raise OSError(f"segment ends before offset {offset + length} (read {got} bytes)")
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def delete(io: DiskIO, directory: Path, number: int, fd: int | None) -> None:
+    """Close and unlink segment `number`, then fsync the directory so it stays gone."""
+    if fd is not None:
+        io.close(fd)
+    io.unlink(path_of(directory, number))
+    io.fsync_dir(directory)
+
+
+def _read_all(io: DiskIO, path: Path) -> bytes:
+    """The whole content of `path`."""
+    fd = io.open(path, os.O_RDONLY)
+    try:
+        size = io.size(fd)
+        parts: list[bytes] = []
+        offset = 0
+        while offset < size:
+            chunk = io.pread(fd, min(_READ_CHUNK, size - offset), offset)
+            if not chunk:
+                break
+            parts.append(chunk)
+            offset += len(chunk)
+        return b"".join(parts)
+    finally:
+        io.close(fd)
+
+
+def _write_file(io: DiskIO, path: Path, data: bytes) -> None:
+    """Create or replace `path` with `data` and fsync it (the directory is not fsynced)."""
+    fd = io.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        append(io, fd, data)
+        io.fsync(fd)
+    finally:
+        io.close(fd)
+
+
+def _truncate(io: DiskIO, path: Path, size: int) -> None:
+    """Cut `path` to `size` bytes and fsync it."""
+    fd = io.open(path, os.O_RDWR)
+    try:
+        io.ftruncate(fd, size)
+        io.fsync(fd)
+    finally:
+        io.close(fd)
+
+
+def _quarantine(
+    io: DiskIO, directory: Path, number: int, buf: bytes, bad: list[BadRange]
+) -> list[Quarantined]:
+    """Copy each bad range to `<dir>/quarantine/<segment>-<offset>.bin`, durably."""
+    qdir = directory / QUARANTINE
+    io.makedirs(qdir)
+    io.fsync_dir(directory)
+    out: list[Quarantined] = []
+    for b in bad:
+        target = qdir / f"{number:08d}-{b.start}.bin"
+        _write_file(io, target, buf[b.start : b.end])
+        out.append(Quarantined(target, number, b.start, b.length))
+    io.fsync_dir(qdir)
+    return out
+
+
+def _without(buf: bytes, bad: list[BadRange], end: int) -> bytes:
+    """`buf[:end]` with the bad ranges cut out."""
+    parts: list[bytes] = []
+    pos = 0
+    for b in bad:
+        parts.append(buf[pos : b.start])
+        pos = b.end
+    parts.append(buf[pos:end])
+    return b"".join(parts)
+
+
+def load(io: DiskIO, directory: Path, number: int, *, last: bool) -> Loaded:
+    """Read segment `number`, repair it on disk, and return its valid records.
+
+    A torn tail of the last segment is cut off (ftruncate + fsync, a warning). Every
+    other bad range (corrupt ranges anywhere, a bad tail of a non-last segment) is
+    copied to the quarantine directory and the segment is rewritten without it
+    (temp file, fsync, rename, directory fsync, an error log). The returned offsets
+    are those of the repaired file.
+    """
+    path = path_of(directory, number)
+    buf = _read_all(io, path)
+    records: list[Record] = []
+    bad: list[BadRange] = []
+    for item in scan(buf):
+        if isinstance(item, Record):
+            records.append(item)
+        else:
+            bad.append(item)
+    torn = bad.pop() if bad and bad[-1].torn and last else None
+    keep_end = torn.start if torn is not None else len(buf)
+    loaded = Loaded(number, keep_end, records)
+    if bad:
+        loaded.quarantined = _quarantine(io, directory, number, buf, bad)
+        repaired = _without(buf, bad, keep_end)
+        tmp = directory / f"{number:08d}{TMP_SUFFIX}"
+        _write_file(io, tmp, repaired)
+        io.rename(tmp, path)
+        io.fsync_dir(directory)
+        for q in loaded.quarantined:
+            log.error(
+                "journal segment %s: %d bad bytes at offset %d moved to %s; "
+                "the records after them were kept",
+                path,
+                q.length,
+                q.offset,
+                q.path,
+            )
+        loaded.records = [r for r in scan(repaired) if isinstance(r, Record)]
+        loaded.size = len(repaired)
+    elif torn is not None:
+        _truncate(io, path, keep_end)
+    if torn is not None:
+        loaded.torn_bytes = torn.length
+        log.warning(
+            "journal segment %s: torn tail of %d bytes at offset %d cut off "
+            "(an unfinished write, never acknowledged)",
+            path,
+            torn.length,
+            torn.start,
+        )
+    return loaded
