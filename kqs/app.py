@@ -1,0 +1,146 @@
+"""The one place where the parts are wired, started and stopped.
+
+Start: data directory -> journal replay -> beanstalkd (embedded child or external)
+-> feeder -> service -> RPC listener. Stop (SIGTERM, SIGINT or `quit`): refuse new
+inserts, finish those in flight, give the feeder a moment to hand over what is queued,
+flush and close the journal, stop the embedded beanstalkd, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from kqs.beanstalk import BeanstalkClient
+from kqs.beanstalkd_proc import ManagedBeanstalkd
+from kqs.clock import SYSTEM_CLOCK, Clock
+from kqs.config import ServerConfig
+from kqs.feeder import FeedConnection, Feeder
+from kqs.journal import Journal
+from kqs.model import IdGenerator
+from kqs.rpc.server import RpcServer
+from kqs.service import Service
+
+log = logging.getLogger("kqs")
+
+DRAIN_SECONDS = 10.0
+FEED_ON_EXIT_SECONDS = 2.0
+
+
+def node_name(config: ServerConfig) -> str:
+    """The configured node name, or one made once and kept in the data directory."""
+    if config.node:
+        return config.node
+    path = config.data_dir / "node"
+    if path.exists():
+        return path.read_text(encoding="ascii").strip()
+    name = "n" + secrets.token_hex(4)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(name + "\n", encoding="ascii")
+    tmp.replace(path)
+    return name
+
+
+def _warn_if_exposed(bind: str) -> None:
+    try:
+        loopback = ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        loopback = bind == "localhost"
+    if not loopback:
+        log.warning(
+            "listening on %s, which is not loopback: any host that reaches it can use kqs", bind
+        )
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    ready: Callable[[int], None] | None = None,
+) -> int:
+    """Run the server until asked to stop; return the exit status."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    node = node_name(config)
+    journal = Journal.open(config.data_dir / "journal", segment_bytes=config.segment_bytes)
+    managed: ManagedBeanstalkd | None = None
+    address = config.beanstalkd_address()
+    if address is None:
+        managed = ManagedBeanstalkd(
+            binary=config.beanstalkd_binary,
+            binlog_dir=config.data_dir / "beanstalkd",
+            port=config.beanstalkd_port,
+            max_job_size=config.max_job_size,
+            clock=clock,
+        )
+        address = await managed.start()
+    host, bport = address
+
+    async def connect() -> FeedConnection:
+        return await BeanstalkClient.connect(host, bport)
+
+    feeder = Feeder(journal, connect, clock, batch=config.feeder_batch)
+    feeder.load()
+    service = Service(
+        journal,
+        feeder,
+        IdGenerator(node, clock),
+        clock,
+        max_jobs_per_insert=config.max_jobs_per_insert,
+        default_ttr=config.default_ttr,
+    )
+
+    def beanstalkd_info() -> dict[str, Any]:
+        info: dict[str, Any] = {"address": f"{host}:{bport}", "embedded": managed is not None}
+        if managed is not None:
+            info.update(pid=managed.pid, restarts=managed.restarts)
+        return info
+
+    service.beanstalkd_info = beanstalkd_info
+    stop = asyncio.Event()
+    server = RpcServer(
+        service,
+        max_line=config.max_line_bytes,
+        max_inflight=config.max_inflight_per_connection,
+        request_shutdown=stop.set,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    feeder_task = asyncio.create_task(feeder.run(), name="feeder")
+    try:
+        port = await server.start(config.bind, config.port)
+        _warn_if_exposed(config.bind)
+        log.info(
+            "kqs node %s listening on %s:%d (beanstalkd %s:%d, data %s, %d unfinished jobs)",
+            node,
+            config.bind,
+            port,
+            host,
+            bport,
+            config.data_dir,
+            len(journal.jobs),
+        )
+        if ready is not None:
+            ready(port)
+        await stop.wait()
+        log.info("shutting down: draining in-flight requests")
+        service.draining = True
+        await server.stop_accepting()
+        await server.wait_idle(DRAIN_SECONDS)
+        await feeder.drain(FEED_ON_EXIT_SECONDS)
+    finally:
+        feeder.stop()
+        await feeder_task
+        server.close_connections()
+        await journal.close()
+        if managed is not None:
+            await managed.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return 0

@@ -1,0 +1,54 @@
+"""A small synchronous client for the wire protocol (used by the CLI and tests)."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from typing import Any
+
+import orjson
+
+from kqs.errors import KqsError
+
+
+class RemoteError(KqsError):
+    """An error reply from the server; `code` is the wire code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Client:
+    def __init__(self, host: str = "127.0.0.1", port: int = 14151, *, timeout: float = 30.0):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+        self._ids = itertools.count(1)
+
+    def call(self, method: str, params: Any = None) -> Any:
+        """Send one request and return its result, or raise RemoteError."""
+        req_id = next(self._ids)
+        request = {"id": req_id, "method": method, "params": {} if params is None else params}
+        self.sock.sendall(orjson.dumps(request) + b"\n")
+        line = self.file.readline()
+        if not line:
+            raise ConnectionError("server closed the connection")
+        reply = orjson.loads(line)
+        if "error" in reply:
+            err = reply["error"]
+            raise RemoteError(err["code"], err["message"])
+        return reply["result"]
+
+    def insert(self, type_: str, data: Any = None, **fields: Any) -> str:
+        ids: list[str] = self.call("insert", {"type": type_, "data": data, **fields})["ids"]
+        return ids[0]
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""The wire: newline-delimited JSON over TCP (see docs/protocol.md)."""
