@@ -1,0 +1,173 @@
+"""The contract under crashes: acknowledged jobs are never lost (real processes, kill -9)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kqs.client import Client, RemoteError
+from tests.integration.helpers import beanstalk_contents, beanstalkd_address, kqs_stats, wait_fed
+from tests.support import BeanstalkdProcess, KqsProcess, wait_until
+
+CLIENTS = 16
+ROUNDS = 3
+
+
+class Inserters:
+    """CLIENTS threads inserting (singles and small arrays) until their connection dies."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.acked: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.loop, args=(n,)) for n in range(CLIENTS)]
+
+    def loop(self, n: int) -> None:
+        try:
+            with Client("127.0.0.1", self.port, timeout=10) as c:
+                i = 0
+                while True:
+                    i += 1
+                    if i % 5 == 0:
+                        jobs = [{"type": f"t{n % 3}", "data": [n, i, k]} for k in range(10)]
+                        ids = c.call("insert", jobs)["ids"]
+                    else:
+                        ids = [c.insert(f"t{n % 3}", [n, i], delay=i % 2 * 600)]
+                    with self.lock:
+                        self.acked.extend(ids)
+        except (OSError, RemoteError):
+            return  # the server was killed or is draining: what was acked so far counts
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.acked)
+
+    def __enter__(self) -> Inserters:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for t in self.threads:
+            t.join(30)
+
+
+def reached(ins: Inserters, count: int) -> Callable[[], bool]:
+    return lambda: ins.count() >= count
+
+
+def check_all_present(server: KqsProcess, acked: list[str]) -> None:
+    wait_fed(server.port, timeout=60)
+    host, port = beanstalkd_address(server.port)
+    present = set(beanstalk_contents(host, port))
+    lost = set(acked) - present
+    assert not lost, f"{len(lost)} of {len(acked)} acknowledged jobs lost, e.g. {sorted(lost)[:5]}"
+
+
+@pytest.mark.parametrize("mode", ["external", "embedded"])
+def test_kill_9_during_concurrent_inserts_loses_no_acknowledged_job(
+    tmp_path: Path, mode: str
+) -> None:
+    external = BeanstalkdProcess() if mode == "external" else None
+    if external is not None:
+        external.start()
+    server = KqsProcess(
+        tmp_path / "data",
+        beanstalkd=f"{external.host}:{external.port}" if external else "embedded",
+        segment_bytes=64 * 1024,
+    )
+    rng = random.Random()
+    acked: list[str] = []
+    try:
+        server.start()
+        for _ in range(ROUNDS):
+            target = len(acked) + rng.randint(200, 3000)
+            with Inserters(server.port) as ins:
+                wait_until(reached(ins, target - len(acked)), timeout=60, what="inserts")
+                server.kill()
+            acked += ins.acked
+            server.start()
+            check_all_present(server, acked)
+        assert len(acked) >= ROUNDS * 200
+    finally:
+        server.kill()
+        if external is not None:
+            external.stop()
+
+
+def test_beanstalkd_killed_and_binlog_deleted_jobs_are_fed_again(tmp_path: Path) -> None:
+    server = KqsProcess(tmp_path / "data")
+    server.start()
+    try:
+        with Client("127.0.0.1", server.port) as c:
+            ids = c.call(
+                "insert", [{"type": "later", "delay": 3600, "data": i} for i in range(300)]
+            )["ids"]
+            done = c.call("insert", {"type": "now"})["ids"][0]
+        wait_fed(server.port)
+        with Client("127.0.0.1", server.port) as c:
+            c.call("finish", {"id": done, "outcome": "done"})
+        before = kqs_stats(server.port)["beanstalkd"]
+        os.kill(before["pid"], signal.SIGKILL)
+        shutil.rmtree(tmp_path / "data" / "beanstalkd")
+
+        def back() -> bool:
+            b = kqs_stats(server.port)["beanstalkd"]
+            return bool(b["pid"] != before["pid"] and b["reachable"] and b["restarts"] >= 1)
+
+        wait_until(back, timeout=30, what="embedded beanstalkd restarted")
+        refed = lambda: kqs_stats(server.port)["feeder"]["refed"] >= len(ids)  # noqa: E731
+        wait_until(refed, timeout=30, what="lost jobs found")
+        wait_fed(server.port)
+        host, port = beanstalkd_address(server.port)
+        present = beanstalk_contents(host, port)
+        assert set(ids) <= set(present)
+        assert done not in present  # finished jobs are not fed again
+        assert all(present[i]["delay"] > 3500 for i in ids)  # the due time is kept
+    finally:
+        server.kill()
+
+
+def test_finished_jobs_free_their_segments(tmp_path: Path, beanstalkd: BeanstalkdProcess) -> None:
+    server = KqsProcess(
+        tmp_path / "data", beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}", segment_bytes=4096
+    )
+    server.start()
+    journal = tmp_path / "data" / "journal"
+    try:
+        with Client("127.0.0.1", server.port) as c:
+            ids: list[str] = []
+            for _ in range(30):
+                ids += c.call("insert", [{"type": "t", "data": "x" * 100}] * 20)["ids"]
+            assert len(list(journal.glob("*.seg"))) >= 10
+            for job_id in ids:
+                c.call("finish", {"id": job_id, "outcome": "done"})
+        wait_until(lambda: len(list(journal.glob("*.seg"))) <= 2, timeout=10, what="retirement")
+        assert kqs_stats(server.port)["live_jobs"] == 0
+        server.stop()
+        server.start()  # nothing comes back after a restart
+        assert kqs_stats(server.port)["live_jobs"] == 0
+    finally:
+        server.kill()
+
+
+def test_sigterm_drains_and_exits_zero_keeping_every_job(
+    tmp_path: Path, beanstalkd: BeanstalkdProcess
+) -> None:
+    server = KqsProcess(tmp_path / "data", beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}")
+    server.start()
+    with Inserters(server.port) as ins:
+        wait_until(lambda: ins.count() >= 500, timeout=60, what="inserts")
+        assert server.stop() == 0
+    server.start()
+    try:
+        check_all_present(server, ins.acked)
+    finally:
+        server.kill()
