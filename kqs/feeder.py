@@ -63,6 +63,12 @@ class FeedConnection(Protocol):
 
     async def stats(self) -> dict[str, str | int | float]: ...
 
+    async def delete(self, job_id: int) -> bool: ...
+
+    async def list_tubes(self) -> list[str]: ...
+
+    async def stats_tube(self, tube: str) -> dict[str, str | int | float] | None: ...
+
     async def close(self) -> None: ...
 
 
@@ -130,6 +136,7 @@ class Feeder:
         self._client: FeedConnection | None = None
         self._instance: tuple[object, object] | None = None
         self._verify = True
+        self._discard: list[int] = []
         self.too_big: dict[str, str] = {}
         self.stats = FeederStats()
 
@@ -141,6 +148,30 @@ class Feeder:
             self._queue.append(item if len(self._queue) < self._max_buffered else item.job_id)
         self._idle.clear()
         self._wake.set()
+
+    def resubmit(self, job_ids: Iterable[str]) -> None:
+        """Queue journaled jobs (e.g. revived dead ones) whose bodies the journal holds."""
+        self._queue.extend(job_ids)
+        self._idle.clear()
+        self._wake.set()
+
+    def discard(self, bids: Iterable[int]) -> None:
+        """Delete these beanstalkd jobs (stale copies, e.g. of retried or purged dead jobs)
+        when next connected; best effort."""
+        self._discard.extend(bids)
+        self._wake.set()
+
+    async def tube_stats(self) -> dict[str, dict[str, str | int | float]]:
+        """beanstalkd's stats-tube for every tube; empty while beanstalkd is unreachable."""
+        client = self._client
+        if client is None or client.broken:
+            return {}
+        try:
+            names = await client.list_tubes()
+            found = await asyncio.gather(*(client.stats_tube(n) for n in names))
+        except (BeanstalkUnavailable, BeanstalkError):
+            return {}
+        return {n: st for n, st in zip(names, found, strict=True) if st is not None}
 
     def load(self) -> None:
         """Queue every live job the journal has not seen fed (after replay)."""
@@ -172,7 +203,9 @@ class Feeder:
                     continue
                 if self._verify:
                     await self._verify_fed(client)
-                if not self._queue:
+                if self._discard:
+                    await self._delete_discarded(client)
+                if not self._queue and not self._discard:
                     self._idle.set()
                     if not await self._wait_for_work():
                         await self._check_instance(client)
@@ -236,7 +269,7 @@ class Feeder:
     async def _wait_for_work(self) -> bool:
         """Wait for submitted work or the heartbeat; True if woken for work."""
         self._wake.clear()
-        if self._queue or self._stopping:
+        if self._queue or self._discard or self._stopping:
             return True
         try:
             await asyncio.wait_for(self._wake.wait(), self._heartbeat)
@@ -324,6 +357,10 @@ class Feeder:
                 len(item.body),
             )
         self.too_big[item.job_id] = "larger than beanstalkd max-job-size"
+
+    async def _delete_discarded(self, client: FeedConnection) -> None:
+        bids, self._discard = self._discard, []
+        await asyncio.gather(*(client.delete(b) for b in bids))
 
     async def _verify_fed(self, client: FeedConnection) -> None:
         """Peek every job believed fed; queue again those beanstalkd no longer carries."""

@@ -1,24 +1,39 @@
-"""The domain: insert, finish, stats. No sockets, no JSON framing.
+"""The domain: insert, finish, dead-job admin, stats. No sockets, no JSON framing.
 
 An insert is validated whole (all-or-nothing), given ids, journaled (the call returns
-only after the fsync that covers it) and then handed to the feeder.
+only after the fsync that covers it) and then handed to the feeder. `finish` is how
+runners report outcomes: `done` retires a job, `dead` keeps it (inspectable) until it is
+retried (fed again with attempts reset) or purged.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
 import orjson
 
+from kqs import __version__
 from kqs.clock import Clock
-from kqs.errors import InvalidParams, NotFound, ShuttingDown
+from kqs.errors import InvalidParams, KqsError, NotFound, ShuttingDown
 from kqs.feeder import Feeder, FeedItem
 from kqs.journal import Journal
-from kqs.model import IdGenerator, Job, JobSpec, parse_job
+from kqs.model import TUBE_RE, IdGenerator, Job, JobSpec, parse_job
 
 OUTCOMES = ("done", "dead")
+DEAD_PAGE_DEFAULT = 100
+DEAD_PAGE_MAX = 1000
+READ_CHUNK = 256
+
+
+def _type_param(params: dict[str, Any]) -> str | None:
+    type_ = params.get("type")
+    if type_ is not None and (not isinstance(type_, str) or TUBE_RE.fullmatch(type_) is None):
+        raise InvalidParams("'type' must be a job type name")
+    return type_
 
 
 class Service:
@@ -40,11 +55,14 @@ class Service:
         self.default_ttr = default_ttr
         self.draining = False
         self.accepted = 0
-        self.finished = {"done": 0, "dead": 0}
+        self.finished: Counter[str] = Counter({"done": 0, "dead": 0})
+        self.finished_by_type: dict[str, Counter[str]] = {}
         #: what `stats` says of beanstalkd besides reachability (address, pid, restarts)
         self.beanstalkd_info: Callable[[], dict[str, Any]] = dict
         for job_id in journal.jobs:
             ids.observe(job_id)
+
+    # -- insert ----------------------------------------------------------------------
 
     def parse_insert(self, params: Any) -> list[JobSpec]:
         """Validate insert params: one job object, or an array of them (all or nothing)."""
@@ -71,33 +89,172 @@ class Service:
         self.feeder.submit(FeedItem.of(j, b) for j, b in zip(jobs, bodies, strict=True))
         return [job.id for job in jobs]
 
+    # -- finish ----------------------------------------------------------------------
+
     async def finish(self, params: Any) -> dict[str, Any]:
-        """Record a job's outcome: `done` retires it; `dead` keeps it, inspectable."""
+        """Record one outcome (object params) or many (array params, one fsync for all).
+
+        With an array, each item gets its own result or error, in order."""
+        if isinstance(params, dict):
+            return await self._finish_one(params)
+        seen: set[Any] = set()
+        calls = []
+        for item in params:
+            job_id = item.get("id") if isinstance(item, dict) else None
+            duplicate = job_id in seen if isinstance(job_id, str) else False
+            seen.add(job_id)
+            calls.append(self._finish_one(item, duplicate=duplicate))
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        results: list[dict[str, Any]] = []
+        for item, out in zip(params, outcomes, strict=True):
+            if isinstance(out, KqsError):
+                job_id = item.get("id") if isinstance(item, dict) else None
+                results.append({"id": job_id, "error": {"code": out.code, "message": out.message}})
+            elif isinstance(out, BaseException):
+                raise out
+            else:
+                results.append(out)
+        return {"results": results}
+
+    async def _finish_one(self, params: Any, *, duplicate: bool = False) -> dict[str, Any]:
         if not isinstance(params, dict):
-            raise InvalidParams('finish takes an object: {"id": ..., "outcome": "done"|"dead"}')
+            raise InvalidParams('a finish is an object: {"id": ..., "outcome": "done"|"dead"}')
         job_id, outcome, error = params.get("id"), params.get("outcome"), params.get("error")
+        type_, attempts = params.get("type"), params.get("attempts")
         if not isinstance(job_id, str):
             raise InvalidParams("'id' must be the kqs job id string returned by insert")
         if outcome not in OUTCOMES:
             raise InvalidParams('\'outcome\' must be "done" or "dead"')
         if error is not None and not isinstance(error, str):
             raise InvalidParams("'error' must be a string when given")
+        if attempts is not None and (isinstance(attempts, bool) or not isinstance(attempts, int)):
+            raise InvalidParams("'attempts' must be an integer when given")
+        if type_ is not None and not isinstance(type_, str):
+            raise InvalidParams("'type' must be a string when given")
         entry = self.journal.jobs.get(job_id)
-        if entry is None:
+        if entry is None or duplicate:
             raise NotFound(f"no unfinished job {job_id} on this server (already finished?)")
         if outcome == "done":
             await self.journal.mark_done(job_id)
         else:
             if entry.dead is not None:
-                raise InvalidParams(f"job {job_id} is already dead")
-            info = {"error": error, "at": self.clock.time(), "attempts": params.get("attempts")}
+                raise NotFound(f"job {job_id} is already dead")
+            info = {"error": error, "at": self.clock.time(), "attempts": attempts}
             await self.journal.mark_dead(job_id, orjson.dumps(info))
         self.finished[outcome] += 1
+        if type_ is not None:
+            self.finished_by_type.setdefault(type_, Counter())[outcome] += 1
         return {"id": job_id, "outcome": outcome}
 
-    def stats(self) -> dict[str, Any]:
+    # -- dead jobs -------------------------------------------------------------------
+
+    async def _dead_jobs(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Dead jobs as listed by `dead`, for ids that are dead now."""
+        jobs = self.journal.jobs
+        ids = [i for i in ids if i in jobs and jobs[i].dead is not None]
+        bodies = await self.journal.read_bodies(ids)
+        out = []
+        for job_id, body in zip(ids, bodies, strict=True):
+            job = Job.from_body(body)
+            info = orjson.loads(jobs[job_id].dead or b"{}")
+            out.append(
+                {
+                    "id": job_id,
+                    "type": job.type,
+                    "data": job.data,
+                    "prio": job.prio,
+                    "ttr": job.ttr,
+                    "attempts": info.get("attempts"),
+                    "error": info.get("error"),
+                    "at": info.get("at"),
+                }
+            )
+        return out
+
+    async def dead(self, params: Any) -> dict[str, Any]:
+        """A page of dead jobs, oldest id first: `{"jobs": [...], "next": cursor|null}`."""
+        if not isinstance(params, dict):
+            raise InvalidParams('dead takes an object: {"type"?, "limit"?, "after"?}')
+        type_ = _type_param(params)
+        limit = params.get("limit", DEAD_PAGE_DEFAULT)
+        after = params.get("after")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= DEAD_PAGE_MAX:
+            raise InvalidParams(f"'limit' must be an integer from 1 to {DEAD_PAGE_MAX}")
+        if after is not None and not isinstance(after, str):
+            raise InvalidParams("'after' must be the 'next' value of the previous page")
+        ids = sorted(
+            j
+            for j, e in self.journal.jobs.items()
+            if e.dead is not None and (after is None or j > after)
+        )
+        page: list[dict[str, Any]] = []
+        for start in range(0, len(ids), READ_CHUNK):
+            for job in await self._dead_jobs(ids[start : start + READ_CHUNK]):
+                if type_ is None or job["type"] == type_:
+                    if len(page) == limit:
+                        return {"jobs": page, "next": page[-1]["id"]}
+                    page.append(job)
+        return {"jobs": page, "next": None}
+
+    async def _select_dead(self, params: Any, *, allow_all: bool) -> list[str]:
+        """The dead job ids named by {"id"} | {"ids"} | {"type"} (| {"all": true})."""
+        if not isinstance(params, dict):
+            raise InvalidParams('give {"id": ...}, {"ids": [...]} or {"type": ...}')
+        jobs = self.journal.jobs
+        dead_ids = [j for j, e in jobs.items() if e.dead is not None]
+        if "id" in params or "ids" in params:
+            ids = [params["id"]] if "id" in params else params["ids"]
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise InvalidParams("'id' must be a job id string and 'ids' a list of them")
+            missing = [i for i in ids if i not in jobs or jobs[i].dead is None]
+            if missing:
+                raise NotFound(f"no dead job {missing[0]} here ({len(missing)} not dead or gone)")
+            return list(dict.fromkeys(ids))
+        type_ = _type_param(params)
+        if type_ is not None:
+            selected = []
+            for start in range(0, len(dead_ids), READ_CHUNK):
+                chunk = await self._dead_jobs(dead_ids[start : start + READ_CHUNK])
+                selected += [job["id"] for job in chunk if job["type"] == type_]
+            return selected
+        if allow_all and params.get("all") is True:
+            return dead_ids
+        raise InvalidParams(
+            'give {"id": ...}, {"ids": [...]} or {"type": ...}'
+            + (' or {"all": true}' if allow_all else "")
+        )
+
+    async def retry(self, params: Any) -> dict[str, Any]:
+        """Feed dead jobs again with attempts reset (a new beanstalkd job each)."""
+        ids = await self._select_dead(params, allow_all=False)
+        stale = [self.journal.jobs[i].bid for i in ids]
+        await asyncio.gather(*(self.journal.revive(i) for i in ids))
+        self.feeder.discard(b for b in stale if b)
+        self.feeder.resubmit(ids)
+        return {"retried": len(ids)}
+
+    async def purge(self, params: Any) -> dict[str, Any]:
+        """Remove dead jobs for good."""
+        ids = await self._select_dead(params, allow_all=True)
+        stale = [self.journal.jobs[i].bid for i in ids]
+        await asyncio.gather(*(self.journal.purge(i) for i in ids))
+        self.feeder.discard(b for b in stale if b)
+        return {"purged": len(ids)}
+
+    # -- figures ---------------------------------------------------------------------
+
+    def hello(self) -> dict[str, Any]:
+        """What a runner needs to serve this server's jobs."""
+        return {
+            "node": self.ids.node,
+            "beanstalkd": self.beanstalkd_info().get("address"),
+            "version": __version__,
+        }
+
+    async def stats(self) -> dict[str, Any]:
         j = self.journal.stats()
         f = self.feeder.stats
+        types = await self._type_stats()
         return {
             "node": self.ids.node,
             "accepted": self.accepted,
@@ -108,7 +265,30 @@ class Service:
             "live_jobs": j.live_jobs,
             "dead_jobs": j.dead_jobs,
             "draining": self.draining,
+            "types": types,
+            "unattended": sorted(t for t, s in types.items() if s.get("unattended")),
             "journal": asdict(j),
             "feeder": asdict(f),
             "beanstalkd": {**self.beanstalkd_info(), "reachable": self.feeder.connected},
         }
+
+    async def _type_stats(self) -> dict[str, dict[str, Any]]:
+        """Per job type: beanstalkd's counts, runners watching, done/dead since start."""
+        tubes = await self.feeder.tube_stats()
+        out: dict[str, dict[str, Any]] = {}
+        for name in sorted(set(tubes) | set(self.finished_by_type)):
+            t = tubes.get(name, {})
+            ready = int(t.get("current-jobs-ready", 0))
+            watching = int(t.get("current-watching", 0))
+            done = self.finished_by_type.get(name, Counter())
+            out[name] = {
+                "ready": ready,
+                "reserved": int(t.get("current-jobs-reserved", 0)),
+                "delayed": int(t.get("current-jobs-delayed", 0)),
+                "buried": int(t.get("current-jobs-buried", 0)),
+                "runners": watching,
+                "done": done["done"],
+                "dead": done["dead"],
+                "unattended": ready > 0 and watching == 0,
+            }
+        return out

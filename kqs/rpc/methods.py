@@ -41,7 +41,23 @@ async def finish(service: Service, params: Any, caller: Caller) -> Any:
 
 
 async def stats(service: Service, params: Any, caller: Caller) -> Any:
-    return service.stats()
+    return await service.stats()
+
+
+async def hello(service: Service, params: Any, caller: Caller) -> Any:
+    return service.hello()
+
+
+async def dead(service: Service, params: Any, caller: Caller) -> Any:
+    return await service.dead(params)
+
+
+async def retry(service: Service, params: Any, caller: Caller) -> Any:
+    return await service.retry(params)
+
+
+async def purge(service: Service, params: Any, caller: Caller) -> Any:
+    return await service.purge(params)
 
 
 async def quit_(service: Service, params: Any, caller: Caller) -> Any:
@@ -57,5 +73,9 @@ METHODS: dict[str, Handler] = {
     "insert": insert,
     "finish": finish,
     "stats": stats,
+    "hello": hello,
+    "dead": dead,
+    "retry": retry,
+    "purge": purge,
     "quit": quit_,
 }

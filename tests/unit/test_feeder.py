@@ -99,6 +99,19 @@ class FakeConnection:
         self._check()
         return {"id": self.server.instance, "pid": 1}
 
+    async def delete(self, job_id: int) -> bool:
+        self._check()
+        return self.server.jobs.pop(job_id, None) is not None
+
+    async def list_tubes(self) -> list[str]:
+        self._check()
+        return sorted({item.tube for item, _ in self.server.jobs.values()})
+
+    async def stats_tube(self, tube: str) -> dict[str, str | int | float] | None:
+        self._check()
+        n = sum(1 for item, _ in self.server.jobs.values() if item.tube == tube)
+        return {"name": tube, "current-jobs-ready": n} if n else None
+
     async def close(self) -> None:
         pass
 

@@ -1,0 +1,142 @@
+"""Server side of runners: hello, batched finish, dead jobs (list, retry, purge), per-type stats."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import greenstalk
+import pytest
+
+from kqs.client import Client, RemoteError
+from tests.integration.helpers import beanstalk_contents, kqs_stats, wait_fed
+from tests.support import BeanstalkdProcess, KqsProcess, wait_until
+
+
+def declare_dead(c: Client, ids: list[str], type_: str) -> None:
+    items = [
+        {"id": i, "outcome": "dead", "type": type_, "error": f"boom {i}", "attempts": 3}
+        for i in ids
+    ]
+    results = c.call("finish", items)["results"]
+    assert all(r["outcome"] == "dead" for r in results)
+
+
+def test_hello_names_the_node_and_its_beanstalkd(
+    kqs: KqsProcess, beanstalkd: BeanstalkdProcess
+) -> None:
+    with Client("127.0.0.1", kqs.port) as c:
+        hello = c.call("hello")
+        job_id = c.insert("t")
+    assert hello["beanstalkd"] == f"{beanstalkd.host}:{beanstalkd.port}"
+    assert job_id.startswith(hello["node"] + "-")
+    assert hello["version"]
+
+
+def test_finish_array_reports_each_item(kqs: KqsProcess) -> None:
+    with Client("127.0.0.1", kqs.port) as c:
+        a, b = c.call("insert", [{"type": "t"}, {"type": "t"}])["ids"]
+        results = c.call(
+            "finish",
+            [
+                {"id": a, "outcome": "done", "type": "t"},
+                {"id": a, "outcome": "done", "type": "t"},
+                {"id": "nobody-1", "outcome": "done"},
+                {"id": b, "outcome": "sideways"},
+                "not an object",
+            ],
+        )["results"]
+        assert results[0] == {"id": a, "outcome": "done"}
+        assert [r.get("error", {}).get("code") for r in results] == [
+            None,
+            "not_found",
+            "not_found",
+            "invalid_params",
+            "invalid_params",
+        ]
+        stats = c.call("stats")
+    assert stats["live_jobs"] == 1
+    assert stats["types"]["t"]["done"] == 1
+
+
+def test_dead_jobs_are_listed_paged_retried_and_purged(
+    kqs: KqsProcess, beanstalkd: BeanstalkdProcess
+) -> None:
+    with Client("127.0.0.1", kqs.port) as c:
+        mail = c.call("insert", [{"type": "mail", "data": i} for i in range(5)])["ids"]
+        img = c.call("insert", [{"type": "img", "data": i} for i in range(3)])["ids"]
+        wait_fed(kqs.port)
+        declare_dead(c, mail + img, "x")
+
+        page1 = c.call("dead", {"type": "mail", "limit": 2})
+        assert [j["id"] for j in page1["jobs"]] == mail[:2]
+        assert page1["jobs"][0]["error"] == f"boom {mail[0]}"
+        assert page1["jobs"][0]["attempts"] == 3
+        assert page1["jobs"][0]["data"] == 0
+        page2 = c.call("dead", {"type": "mail", "limit": 2, "after": page1["next"]})
+        page3 = c.call("dead", {"type": "mail", "limit": 2, "after": page2["next"]})
+        assert [j["id"] for j in page2["jobs"] + page3["jobs"]] == mail[2:]
+        assert page3["next"] is None
+        assert len(c.call("dead", {})["jobs"]) == 8
+
+        assert c.call("retry", {"id": mail[0]}) == {"retried": 1}
+        assert c.call("retry", {"type": "img"}) == {"retried": 3}
+        with pytest.raises(RemoteError) as err:
+            c.call("retry", {"ids": [mail[0], mail[1]]})  # mail[0] is live again
+        assert err.value.code == "not_found"
+        wait_fed(kqs.port)
+        present = beanstalk_contents(beanstalkd.host, beanstalkd.port)
+        for job_id in [mail[0], *img]:
+            assert present[job_id]["reserves"] == 0  # a fresh beanstalkd job: attempts reset
+        assert c.call("purge", {"ids": mail[1:3]}) == {"purged": 2}
+        assert c.call("purge", {"all": True}) == {"purged": 2}
+        stats = c.call("stats")
+        assert stats["dead_jobs"] == 0
+        assert stats["live_jobs"] == 4
+        for bad in ({}, {"ids": "x"}, {"type": "no spaces"}):
+            with pytest.raises(RemoteError) as err:
+                c.call("purge", bad)
+            assert err.value.code == "invalid_params"
+
+
+def test_retry_removes_the_buried_copy(kqs: KqsProcess, beanstalkd: BeanstalkdProcess) -> None:
+    with Client("127.0.0.1", kqs.port) as c:
+        job_id = c.insert("poison")
+        wait_fed(kqs.port)
+        with greenstalk.Client((beanstalkd.host, beanstalkd.port), watch="poison") as bs:
+            job = bs.reserve(timeout=5)
+            bs.bury(job)
+            old_bid = job.id
+        declare_dead(c, [job_id], "poison")
+        c.call("retry", {"id": job_id})
+        wait_fed(kqs.port)
+
+    def stale_gone() -> bool:
+        with greenstalk.Client((beanstalkd.host, beanstalkd.port)) as bs:
+            try:
+                bs.peek(old_bid)
+            except greenstalk.NotFoundError:
+                return True
+            return False
+
+    wait_until(stale_gone, timeout=10, what="buried copy deleted")
+    present = beanstalk_contents(beanstalkd.host, beanstalkd.port)
+    assert present[job_id]["state"] == "ready"
+
+
+def test_stats_per_type_flags_a_type_nobody_runs(
+    kqs: KqsProcess, beanstalkd: BeanstalkdProcess
+) -> None:
+    with Client("127.0.0.1", kqs.port) as c:
+        c.call("insert", [{"type": "served"}, {"type": "orphan"}, {"type": "orphan"}])
+    wait_fed(kqs.port)
+    with greenstalk.Client((beanstalkd.host, beanstalkd.port), watch="served"):
+
+        def flagged() -> bool:
+            s: dict[str, Any] = kqs_stats(kqs.port)
+            return bool(s["types"]["served"]["runners"] == 1 and s["unattended"] == ["orphan"])
+
+        wait_until(flagged, timeout=10, what="per-type stats")
+        types = kqs_stats(kqs.port)["types"]
+    assert types["orphan"]["ready"] == 2
+    assert types["orphan"]["unattended"] is True
+    assert types["served"]["unattended"] is False
