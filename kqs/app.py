@@ -20,11 +20,13 @@ from kqs.beanstalk import BeanstalkClient
 from kqs.beanstalkd_proc import ManagedBeanstalkd
 from kqs.clock import SYSTEM_CLOCK, Clock
 from kqs.config import ServerConfig
+from kqs.errors import Unavailable
 from kqs.feeder import FeedConnection, Feeder
 from kqs.journal import Journal
 from kqs.model import IdGenerator
 from kqs.rpc.server import RpcServer
 from kqs.service import Service
+from kqs.store import open_store
 
 log = logging.getLogger("kqs")
 
@@ -57,6 +59,16 @@ def _warn_if_exposed(bind: str) -> None:
         )
 
 
+async def collect_orphans(service: Service, clock: Clock, interval: float) -> None:
+    """Every `interval` seconds, delete bulk payloads whose jobs are finished."""
+    while True:
+        await clock.sleep(interval)
+        try:
+            await service.gc()
+        except Unavailable as exc:
+            log.warning("orphan collection skipped: %s", exc.message)
+
+
 async def serve(
     config: ServerConfig,
     *,
@@ -83,7 +95,16 @@ async def serve(
     async def connect() -> FeedConnection:
         return await BeanstalkClient.connect(host, bport)
 
-    feeder = Feeder(journal, connect, clock, batch=config.feeder_batch)
+    store = open_store(config.bulk_url(), data_dir=config.data_dir)
+    feeder = Feeder(
+        journal,
+        connect,
+        clock,
+        batch=config.feeder_batch,
+        store=store,
+        node=node,
+        max_body=config.max_job_size,
+    )
     feeder.load()
     service = Service(
         journal,
@@ -92,6 +113,9 @@ async def serve(
         clock,
         max_jobs_per_insert=config.max_jobs_per_insert,
         default_ttr=config.default_ttr,
+        max_payload_bytes=config.max_payload_bytes,
+        bulk_url=config.bulk_url(),
+        gc_window=config.gc_window,
     )
 
     def beanstalkd_info() -> dict[str, Any]:
@@ -112,6 +136,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     feeder_task = asyncio.create_task(feeder.run(), name="feeder")
+    gc_task = asyncio.create_task(collect_orphans(service, clock, config.gc_interval))
     try:
         port = await server.start(config.bind, config.port)
         _warn_if_exposed(config.bind)
@@ -134,8 +159,10 @@ async def serve(
         await server.wait_idle(DRAIN_SECONDS)
         await feeder.drain(FEED_ON_EXIT_SECONDS)
     finally:
+        gc_task.cancel()
         feeder.stop()
         await feeder_task
+        await store.close()
         server.close_connections()
         await journal.close()
         if managed is not None:

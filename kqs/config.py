@@ -15,6 +15,7 @@ from kqs.errors import ConfigError
 from kqs.model import MAX_SECONDS, NODE_RE
 
 EMBEDDED = "embedded"
+BULK_SCHEMES = ("file:", "mongodb://", "mongodb+srv://", "memory:")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +34,17 @@ class ServerConfig:
     default_ttr: int = 30
     segment_bytes: int = 64 * 2**20
     feeder_batch: int = 1000
+    bulk_store: str = ""  # empty: file store in data_dir/bulk; or file:///path, mongodb://...
+    max_payload_bytes: int = 16 * 2**20
+    gc_window: int = 3600
+    gc_interval: int = 3600
     log_level: str = "info"
+
+    def bulk_url(self) -> str:
+        """The bulk store URL, with the default (a directory in data_dir) made absolute."""
+        if self.bulk_store:
+            return self.bulk_store
+        return (self.data_dir / "bulk").resolve().as_uri()
 
     def beanstalkd_address(self) -> tuple[str, int] | None:
         """(host, port) of an external beanstalkd, or None for the embedded one."""
@@ -53,6 +64,9 @@ _RANGES: dict[str, tuple[int, int]] = {
     "default_ttr": (1, MAX_SECONDS),
     "segment_bytes": (4096, 2**34),
     "feeder_batch": (1, 100_000),
+    "max_payload_bytes": (1024, 2**30),
+    "gc_window": (60, 10 * 365 * 86400),
+    "gc_interval": (10, 10 * 365 * 86400),
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -85,6 +99,8 @@ def _check(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"log_level: must be one of {', '.join(_LOG_LEVELS)}, got {value!r}")
     if key == "beanstalkd" and value != EMBEDDED:
         parse_address(value, key="beanstalkd")
+    if key == "bulk_store" and value and not value.startswith(BULK_SCHEMES):
+        raise ConfigError(f"bulk_store: {value!r} must start with one of {', '.join(BULK_SCHEMES)}")
     return value
 
 

@@ -38,6 +38,10 @@ class LineTooLong(KqsError):
     code = "line_too_long"
 
 
+class PayloadTooLarge(KqsError):
+    code = "payload_too_large"
+
+
 class TooManyRequests(KqsError):
     code = "too_many_requests"
 
@@ -54,6 +58,12 @@ class JournalFailed(KqsError):
     """A journal write or fsync failed: nothing waiting on it was acknowledged."""
 
     code = "journal_failed"
+
+
+class Unavailable(KqsError):
+    """A dependency (e.g. the bulk store) cannot be reached just now."""
+
+    code = "unavailable"
 
 
 class ShuttingDown(KqsError):
@@ -81,10 +91,12 @@ BY_CODE: dict[str, type[KqsError]] = {
         MethodNotFound,
         InvalidParams,
         LineTooLong,
+        PayloadTooLarge,
         TooManyRequests,
         Forbidden,
         NotFound,
         JournalFailed,
+        Unavailable,
         ShuttingDown,
         InternalError,
     )

@@ -10,9 +10,12 @@ Contract:
   first connection, and whenever beanstalkd turns out to be a new process (its `stats`
   id or pid changed), every such job is checked with `peek`; a job that beanstalkd no
   longer has (or whose id now carries another body) is fed again.
+- A body larger than beanstalkd's `max-job-size` goes through the bulk store first
+  (kqs/offload.py) and a small reference is fed instead; with no store it is set aside,
+  counted and reported.
 - Put outcomes other than INSERTED are handled on purpose: BURIED (beanstalkd could not
   grow its queue) is kicked back to ready; DRAINING and OUT_OF_MEMORY back off and retry;
-  JOB_TOO_BIG is set aside, counted and reported (issue: bulk store).
+  JOB_TOO_BIG goes the large-body way above.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from kqs.backoff import Backoff
 from kqs.beanstalk import BeanstalkError, BeanstalkUnavailable, PutItem, PutResult
 from kqs.clock import Clock
 from kqs.model import Job
+from kqs.offload import Offloader
+from kqs.store import BulkStore
 
 log = logging.getLogger("kqs.feeder")
 
@@ -36,6 +41,7 @@ log = logging.getLogger("kqs.feeder")
 class FedEntry(Protocol):
     bid: int
     dead: bytes | None
+    length: int
 
 
 class FeedJournal(Protocol):
@@ -119,6 +125,9 @@ class Feeder:
         heartbeat: float = 1.0,
         max_buffered_bodies: int = 100_000,
         backoff: Backoff | None = None,
+        store: BulkStore | None = None,
+        node: str = "",
+        max_body: int = 65535,
     ) -> None:
         self._journal = journal
         self._connect = connect
@@ -139,6 +148,11 @@ class Feeder:
         self._discard: list[int] = []
         self.too_big: dict[str, str] = {}
         self.stats = FeederStats()
+        #: bodies longer than this go through the bulk store (beanstalkd's max-job-size)
+        self.max_body = max_body
+        self.offloader = (
+            Offloader(store, journal, clock, self._offloaded, node=node) if store else None
+        )
 
     # -- what the service calls ------------------------------------------------------
 
@@ -182,8 +196,10 @@ class Feeder:
 
     @property
     def pending(self) -> int:
-        """Jobs not yet in beanstalkd: queued, or taken for the batch being put."""
-        return len(self._queue) + self._in_batch
+        """Jobs not yet in beanstalkd: queued, taken for the batch being put, or waiting
+        for the bulk store."""
+        stored_first = self.offloader.pending if self.offloader is not None else 0
+        return len(self._queue) + self._in_batch + stored_first
 
     @property
     def connected(self) -> bool:
@@ -194,8 +210,25 @@ class Feeder:
         """True until the jobs believed fed have been checked against this beanstalkd."""
         return self._verify
 
+    def _offloaded(self, job: Job, reference: bytes) -> None:
+        self.submit([FeedItem.of(job, reference)])
+
+    def forget(self, job_id: str, length: int) -> None:
+        """A job is finished: drop its bulk payload if it had one."""
+        if self.offloader is not None and length > self.max_body:
+            self.offloader.forget(job_id)
+
     async def run(self) -> None:
         """Feed until `stop()`; never raises for beanstalkd trouble."""
+        offload = asyncio.create_task(self.offloader.run()) if self.offloader else None
+        try:
+            await self._feed_loop()
+        finally:
+            if offload is not None and self.offloader is not None:
+                self.offloader.stop()
+                await offload
+
+    async def _feed_loop(self) -> None:
         while not self._stopping:
             try:
                 client = await self._connected()
@@ -244,6 +277,9 @@ class Feeder:
     async def _check_instance(self, client: FeedConnection) -> None:
         """Notice a restarted beanstalkd (new id or pid): everything fed must be checked."""
         stats = await client.stats()
+        limit = stats.get("max-job-size")
+        if isinstance(limit, int):
+            self.max_body = limit
         instance = (stats.get("id"), stats.get("pid"))
         if instance != self._instance:
             if self._instance is not None:
@@ -285,6 +321,7 @@ class Feeder:
         while self._queue and len(taken) < self._batch:
             taken.append(self._queue.popleft())
         jobs = self._journal.jobs
+        taken = [t for t in taken if not self._large(t)]
         ids = [t for t in taken if isinstance(t, str) and t in jobs and jobs[t].dead is None]
         loaded: dict[str, FeedItem] = {}
         if ids:
@@ -301,6 +338,34 @@ class Feeder:
             if item is not None and item.job_id in jobs and jobs[item.job_id].dead is None:
                 items.append(item)
         return items
+
+    def _large(self, entry: FeedItem | str) -> bool:
+        """Route a body too big for beanstalkd to the bulk store (or set it aside)."""
+        if isinstance(entry, str):
+            known = self._journal.jobs.get(entry)
+            if known is None or known.dead is not None:
+                return False  # finished or dead: dropped by the caller
+            job_id, size = entry, known.length
+        else:
+            job_id, size = entry.job_id, len(entry.body)
+        if size <= self.max_body:
+            return False
+        self._too_big(job_id, size)
+        return True
+
+    def _too_big(self, job_id: str, size: int) -> None:
+        if self.offloader is not None:
+            self.offloader.submit(job_id)
+            return
+        if job_id not in self.too_big:
+            self.stats.too_big += 1
+            log.error(
+                "job %s (%d bytes) is larger than beanstalkd's max-job-size and no bulk store"
+                " is configured; it stays journaled but is not fed",
+                job_id,
+                size,
+            )
+        self.too_big[job_id] = "larger than beanstalkd max-job-size"
 
     async def _feed_batch(self, client: FeedConnection) -> None:
         self._in_batch = min(len(self._queue), self._batch)
@@ -331,7 +396,7 @@ class Feeder:
                     self.stats.buried_on_put += 1
                     kicks.append(res.id)
             elif res.status == "JOB_TOO_BIG":
-                self._set_aside(item)
+                self._too_big(item.job_id, len(item.body))
             else:  # DRAINING, OUT_OF_MEMORY, EXPECTED_CRLF: beanstalkd cannot take it now
                 retry.append(item)
                 self.stats.last_error = f"put answered {res.status}"
@@ -346,17 +411,6 @@ class Feeder:
             await self._clock.sleep(self._backoff.next())
         else:
             self._backoff.reset()
-
-    def _set_aside(self, item: FeedItem) -> None:
-        if item.job_id not in self.too_big:
-            self.stats.too_big += 1
-            log.error(
-                "job %s (%d bytes) is larger than beanstalkd's max-job-size; it stays journaled"
-                " but is not fed",
-                item.job_id,
-                len(item.body),
-            )
-        self.too_big[item.job_id] = "larger than beanstalkd max-job-size"
 
     async def _delete_discarded(self, client: FeedConnection) -> None:
         bids, self._discard = self._discard, []

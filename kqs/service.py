@@ -18,10 +18,18 @@ import orjson
 
 from kqs import __version__
 from kqs.clock import Clock
-from kqs.errors import InvalidParams, KqsError, NotFound, ShuttingDown
+from kqs.errors import (
+    InvalidParams,
+    KqsError,
+    NotFound,
+    PayloadTooLarge,
+    ShuttingDown,
+    Unavailable,
+)
 from kqs.feeder import Feeder, FeedItem
 from kqs.journal import Journal
 from kqs.model import TUBE_RE, IdGenerator, Job, JobSpec, parse_job
+from kqs.store import StoreUnavailable
 
 OUTCOMES = ("done", "dead")
 DEAD_PAGE_DEFAULT = 100
@@ -46,6 +54,9 @@ class Service:
         *,
         max_jobs_per_insert: int = 10_000,
         default_ttr: int = 30,
+        max_payload_bytes: int = 16 * 2**20,
+        bulk_url: str = "",
+        gc_window: float = 3600.0,
     ) -> None:
         self.journal = journal
         self.feeder = feeder
@@ -53,6 +64,9 @@ class Service:
         self.clock = clock
         self.max_jobs_per_insert = max_jobs_per_insert
         self.default_ttr = default_ttr
+        self.max_payload_bytes = max_payload_bytes
+        self.bulk_url = bulk_url
+        self.gc_window = gc_window
         self.draining = False
         self.accepted = 0
         self.finished: Counter[str] = Counter({"done": 0, "dead": 0})
@@ -84,6 +98,13 @@ class Service:
         now = self.clock.time()
         jobs = [Job(self.ids.next(), s.type, s.data, s.prio, s.delay, s.ttr, now) for s in specs]
         bodies = [job.body() for job in jobs]
+        for i, body in enumerate(bodies):
+            if len(body) > self.max_payload_bytes:
+                where = "" if len(bodies) == 1 else f"job {i}: "
+                raise PayloadTooLarge(
+                    f"{where}the job encodes to {len(body)} bytes, over the limit of"
+                    f" {self.max_payload_bytes} (max_payload_bytes); nothing was inserted"
+                )
         await self.journal.append_inserts([(j.id, b) for j, b in zip(jobs, bodies, strict=True)])
         self.accepted += len(jobs)
         self.feeder.submit(FeedItem.of(j, b) for j, b in zip(jobs, bodies, strict=True))
@@ -136,6 +157,7 @@ class Service:
             raise NotFound(f"no unfinished job {job_id} on this server (already finished?)")
         if outcome == "done":
             await self.journal.mark_done(job_id)
+            self.feeder.forget(job_id, entry.length)
         else:
             if entry.dead is not None:
                 raise NotFound(f"job {job_id} is already dead")
@@ -236,9 +258,11 @@ class Service:
     async def purge(self, params: Any) -> dict[str, Any]:
         """Remove dead jobs for good."""
         ids = await self._select_dead(params, allow_all=True)
-        stale = [self.journal.jobs[i].bid for i in ids]
+        entries = [self.journal.jobs[i] for i in ids]
         await asyncio.gather(*(self.journal.purge(i) for i in ids))
-        self.feeder.discard(b for b in stale if b)
+        self.feeder.discard(e.bid for e in entries if e.bid)
+        for job_id, entry in zip(ids, entries, strict=True):
+            self.feeder.forget(job_id, entry.length)
         return {"purged": len(ids)}
 
     # -- figures ---------------------------------------------------------------------
@@ -248,8 +272,19 @@ class Service:
         return {
             "node": self.ids.node,
             "beanstalkd": self.beanstalkd_info().get("address"),
+            "bulk": self.bulk_url,
             "version": __version__,
         }
+
+    async def gc(self) -> dict[str, Any]:
+        """Delete this node's orphaned bulk payloads older than the safety window now."""
+        offloader = self.feeder.offloader
+        if offloader is None:
+            return {"collected": 0}
+        try:
+            return {"collected": await offloader.collect(self.gc_window)}
+        except StoreUnavailable as exc:
+            raise Unavailable(f"the bulk store is unreachable ({exc}); try again later") from exc
 
     async def stats(self) -> dict[str, Any]:
         j = self.journal.stats()
@@ -269,7 +304,20 @@ class Service:
             "unattended": sorted(t for t, s in types.items() if s.get("unattended")),
             "journal": asdict(j),
             "feeder": asdict(f),
+            "bulk": self._bulk_stats(),
             "beanstalkd": {**self.beanstalkd_info(), "reachable": self.feeder.connected},
+        }
+
+    def _bulk_stats(self) -> dict[str, Any]:
+        offloader = self.feeder.offloader
+        if offloader is None:
+            return {"configured": False, "too_big": self.feeder.stats.too_big}
+        st = offloader.stats
+        return {
+            "configured": True,
+            **asdict(st),
+            "waiting": offloader.pending,
+            "why": "" if st.store_available else f"bulk store unavailable: {st.last_error}",
         }
 
     async def _type_stats(self) -> dict[str, dict[str, Any]]:

@@ -60,6 +60,10 @@ async def purge(service: Service, params: Any, caller: Caller) -> Any:
     return await service.purge(params)
 
 
+async def gc(service: Service, params: Any, caller: Caller) -> Any:
+    return await service.gc()
+
+
 async def quit_(service: Service, params: Any, caller: Caller) -> Any:
     if not caller.loopback:
         raise Forbidden("quit is accepted only from a loopback address; use SIGTERM remotely")
@@ -77,5 +81,6 @@ METHODS: dict[str, Handler] = {
     "dead": dead,
     "retry": retry,
     "purge": purge,
+    "gc": gc,
     "quit": quit_,
 }

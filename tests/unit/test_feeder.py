@@ -18,6 +18,7 @@ from kqs.model import Job
 class Entry:
     bid: int = 0
     dead: bytes | None = None
+    length: int = 0
 
 
 class FakeJournal:
@@ -27,7 +28,7 @@ class FakeJournal:
 
     def add(self, job: Job) -> FeedItem:
         body = job.body()
-        self.jobs[job.id] = Entry()
+        self.jobs[job.id] = Entry(length=len(body))
         self.bodies[job.id] = body
         return FeedItem.of(job, body)
 
