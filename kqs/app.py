@@ -24,7 +24,8 @@ from kqs.errors import Unavailable
 from kqs.feeder import FeedConnection, Feeder
 from kqs.journal import Journal
 from kqs.model import IdGenerator
-from kqs.rpc.server import RpcServer
+from kqs.rpc.methods import Access
+from kqs.rpc.server import Limits, RpcServer, tls_context
 from kqs.service import Service
 from kqs.store import open_store
 
@@ -48,14 +49,16 @@ def node_name(config: ServerConfig) -> str:
     return name
 
 
-def _warn_if_exposed(bind: str) -> None:
+def _warn_if_exposed(config: ServerConfig) -> None:
     try:
-        loopback = ipaddress.ip_address(bind).is_loopback
+        loopback = ipaddress.ip_address(config.bind).is_loopback
     except ValueError:
-        loopback = bind == "localhost"
-    if not loopback:
+        loopback = config.bind == "localhost"
+    if not loopback and not config.auth_token:
         log.warning(
-            "listening on %s, which is not loopback: any host that reaches it can use kqs", bind
+            "!!! listening on %s, beyond loopback, with no auth_token: any host that"
+            " reaches this port can insert and read jobs; set auth_token (and tls_cert)",
+            config.bind,
         )
 
 
@@ -128,9 +131,18 @@ async def serve(
     stop = asyncio.Event()
     server = RpcServer(
         service,
-        max_line=config.max_line_bytes,
-        max_inflight=config.max_inflight_per_connection,
         request_shutdown=stop.set,
+        limits=Limits(
+            max_line=config.max_line_bytes,
+            max_inflight=config.max_inflight_per_connection,
+            max_connections=config.max_connections,
+            idle_timeout=config.idle_timeout,
+            line_timeout=config.line_timeout,
+            write_timeout=config.write_timeout,
+        ),
+        access=Access(config.auth_token, config.admin_token),
+        tls=tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None,
+        clock=clock,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -139,7 +151,7 @@ async def serve(
     gc_task = asyncio.create_task(collect_orphans(service, clock, config.gc_interval))
     try:
         port = await server.start(config.bind, config.port)
-        _warn_if_exposed(config.bind)
+        _warn_if_exposed(config)
         log.info(
             "kqs node %s listening on %s:%d (beanstalkd %s:%d, data %s, %d unfinished jobs)",
             node,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import ssl
 from typing import Any
 
 import orjson
@@ -20,10 +21,24 @@ class RemoteError(KqsError):
 
 
 class Client:
-    def __init__(self, host: str = "127.0.0.1", port: int = 14151, *, timeout: float = 30.0):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    """One connection. With `tls`, the socket is wrapped (server name = `host`); with
+    `token`, the connection authenticates first."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 14151,
+        *,
+        timeout: float = 30.0,
+        token: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = tls.wrap_socket(sock, server_hostname=host) if tls is not None else sock
         self.file = self.sock.makefile("rb")
         self._ids = itertools.count(1)
+        if token:
+            self.call("auth", {"token": token})
 
     def call(self, method: str, params: Any = None) -> Any:
         """Send one request and return its result, or raise RemoteError."""

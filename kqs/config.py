@@ -15,6 +15,7 @@ from kqs.errors import ConfigError
 from kqs.model import MAX_SECONDS, NODE_RE
 
 EMBEDDED = "embedded"
+MIN_TOKEN = 16
 BULK_SCHEMES = ("file:", "mongodb://", "mongodb+srv://", "memory:")
 
 
@@ -31,6 +32,14 @@ class ServerConfig:
     max_line_bytes: int = 17 * 2**20
     max_jobs_per_insert: int = 10_000
     max_inflight_per_connection: int = 1024
+    max_connections: int = 4096
+    idle_timeout: int = 300
+    line_timeout: int = 30
+    write_timeout: int = 60
+    auth_token: str = ""
+    admin_token: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
     default_ttr: int = 30
     segment_bytes: int = 64 * 2**20
     feeder_batch: int = 1000
@@ -61,6 +70,10 @@ _RANGES: dict[str, tuple[int, int]] = {
     "max_line_bytes": (1024, 2**31),
     "max_jobs_per_insert": (1, 1_000_000),
     "max_inflight_per_connection": (1, 1_000_000),
+    "max_connections": (1, 1_000_000),
+    "idle_timeout": (1, 7 * 86400),
+    "line_timeout": (1, 86400),
+    "write_timeout": (1, 86400),
     "default_ttr": (1, MAX_SECONDS),
     "segment_bytes": (4096, 2**34),
     "feeder_batch": (1, 100_000),
@@ -114,7 +127,14 @@ def build_config(values: dict[str, Any]) -> ServerConfig:
             f"unknown key(s) {', '.join(unknown)}; the keys are {', '.join(sorted(known))}"
         )
     checked = {k: _check(k, v, getattr(defaults, k)) for k, v in values.items()}
-    return dataclasses.replace(defaults, **checked)
+    config = dataclasses.replace(defaults, **checked)
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("tls_cert, tls_key: give both (PEM files) or neither")
+    for key in ("auth_token", "admin_token"):
+        token = getattr(config, key)
+        if token and len(token) < MIN_TOKEN:
+            raise ConfigError(f"{key}: at least {MIN_TOKEN} characters (use a random secret)")
+    return config
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> ServerConfig:

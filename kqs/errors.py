@@ -42,8 +42,18 @@ class PayloadTooLarge(KqsError):
     code = "payload_too_large"
 
 
-class TooManyRequests(KqsError):
-    code = "too_many_requests"
+class TooManyConnections(KqsError):
+    code = "too_many_connections"
+
+
+class Timeout(KqsError):
+    """A connection broke a time limit (idle, slow line); it is closed."""
+
+    code = "timeout"
+
+
+class Unauthorized(KqsError):
+    code = "unauthorized"
 
 
 class Forbidden(KqsError):
@@ -92,7 +102,9 @@ BY_CODE: dict[str, type[KqsError]] = {
         InvalidParams,
         LineTooLong,
         PayloadTooLarge,
-        TooManyRequests,
+        TooManyConnections,
+        Timeout,
+        Unauthorized,
         Forbidden,
         NotFound,
         JournalFailed,

@@ -1,27 +1,83 @@
-"""Method name -> handler. Handlers are thin: check the caller, call the service.
+"""Method name -> handler, and who may call it. Handlers are thin: call the service.
 
 A handler gets the service, the request params and the calling connection's `Caller`
-and returns the result (JSON-able). Errors are `KqsError`s with wire codes.
+and returns the result (JSON-able). Errors are `KqsError`s with wire codes. Access has
+three levels: NONE (not yet authenticated: only `auth`), USER (every ordinary method)
+and ADMIN (`quit`, `purge`, `gc`, and `retry` of a whole type).
 """
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
-from kqs.errors import Forbidden
+from kqs.errors import Forbidden, InvalidParams, Unauthorized
 from kqs.service import Service
 
 
+class Level(IntEnum):
+    NONE = 0
+    USER = 1
+    ADMIN = 2
+
+
 @dataclass(frozen=True, slots=True)
+class Access:
+    """The configured tokens; an empty token means that level needs none."""
+
+    token: str = ""
+    admin_token: str = ""
+
+    def initial(self) -> Level:
+        """The level a new connection starts at."""
+        if self.token:
+            return Level.NONE
+        return Level.USER if self.admin_token else Level.ADMIN
+
+    def level_of(self, presented: str) -> Level:
+        """The level a presented token grants (compared in constant time)."""
+        given = presented.encode()
+        if self.admin_token and hmac.compare_digest(given, self.admin_token.encode()):
+            return Level.ADMIN
+        if self.token and hmac.compare_digest(given, self.token.encode()):
+            return Level.USER if self.admin_token else Level.ADMIN
+        return Level.NONE
+
+
+@dataclass(slots=True)
 class Caller:
+    """The connection a request came on."""
+
     peer: str
     loopback: bool
     request_shutdown: Callable[[], None]
+    access: Access
+    level: Level
 
 
 Handler = Callable[[Service, Any, Caller], Awaitable[Any]]
+
+
+def require(caller: Caller, level: Level, what: str) -> None:
+    if caller.level >= level:
+        return
+    if caller.level == Level.NONE:
+        raise Unauthorized(f"{what} needs authentication: send auth with the server's token")
+    raise Forbidden(f"{what} needs the admin token: send auth with it first")
+
+
+async def auth(service: Service, params: Any, caller: Caller) -> Any:
+    token = params.get("token") if isinstance(params, dict) else None
+    if not isinstance(token, str):
+        raise InvalidParams('auth takes {"token": "<token>"}')
+    level = caller.access.level_of(token)
+    if level == Level.NONE:
+        raise Unauthorized("wrong token; check the client's token against the server's")
+    caller.level = max(caller.level, level)
+    return {"admin": caller.level == Level.ADMIN}
 
 
 async def ping(service: Service, params: Any, caller: Caller) -> Any:
@@ -53,6 +109,8 @@ async def dead(service: Service, params: Any, caller: Caller) -> Any:
 
 
 async def retry(service: Service, params: Any, caller: Caller) -> Any:
+    if isinstance(params, dict) and "type" in params:
+        require(caller, Level.ADMIN, "retry of a whole type")
     return await service.retry(params)
 
 
@@ -71,16 +129,18 @@ async def quit_(service: Service, params: Any, caller: Caller) -> Any:
     return "shutting down"
 
 
-METHODS: dict[str, Handler] = {
-    "ping": ping,
-    "echo": echo,
-    "insert": insert,
-    "finish": finish,
-    "stats": stats,
-    "hello": hello,
-    "dead": dead,
-    "retry": retry,
-    "purge": purge,
-    "gc": gc,
-    "quit": quit_,
+#: name -> (handler, level needed)
+METHODS: dict[str, tuple[Handler, Level]] = {
+    "auth": (auth, Level.NONE),
+    "ping": (ping, Level.USER),
+    "echo": (echo, Level.USER),
+    "insert": (insert, Level.USER),
+    "finish": (finish, Level.USER),
+    "stats": (stats, Level.USER),
+    "hello": (hello, Level.USER),
+    "dead": (dead, Level.USER),
+    "retry": (retry, Level.USER),
+    "purge": (purge, Level.ADMIN),
+    "gc": (gc, Level.ADMIN),
+    "quit": (quit_, Level.ADMIN),
 }

@@ -4,7 +4,10 @@ Each request runs as its own task, so replies to pipelined requests go out in or
 completion (each carries its request's id). A connection with too many requests in
 flight, or whose replies the client does not read, stops being read until it catches
 up. Nothing a client sends escapes as an exception: every failure becomes an error
-reply, and only an over-long line closes the connection.
+reply. A connection is closed, with a last error line saying why, when its line is too
+long, when there are already `max_connections`, when it sits idle past `idle_timeout`,
+when a line stays unfinished past `line_timeout` (slow clients), when its replies go
+unread past `write_timeout`, or after a wrong token.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
-from kqs.errors import InternalError, KqsError, MethodNotFound
-from kqs.rpc.methods import METHODS, Caller
+from kqs.clock import SYSTEM_CLOCK, Clock
+from kqs.errors import InternalError, KqsError, MethodNotFound, Timeout, TooManyConnections
+from kqs.rpc.methods import METHODS, Access, Caller, Handler, require
 from kqs.rpc.protocol import (
     ErrorReply,
     LineSplitter,
@@ -28,6 +34,16 @@ from kqs.rpc.protocol import (
 from kqs.service import Service
 
 log = logging.getLogger("kqs.rpc")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_line: int = 17 * 2**20
+    max_inflight: int = 1024
+    max_connections: int = 4096
+    idle_timeout: float = 300.0
+    line_timeout: float = 30.0
+    write_timeout: float = 60.0
 
 
 def _is_loopback(peer: Any) -> bool:
@@ -42,12 +58,15 @@ def _is_loopback(peer: Any) -> bool:
 class Connection(asyncio.Protocol):
     def __init__(self, server: RpcServer) -> None:
         self.server = server
-        self.splitter = LineSplitter(server.max_line)
+        self.splitter = LineSplitter(server.limits.max_line)
         self.transport: asyncio.Transport | None = None
-        self.caller = Caller("?", False, server.request_shutdown)
+        access = server.access
+        self.caller = Caller("?", False, server.request_shutdown, access, access.initial())
         self.inflight = 0
         self.read_paused = False
-        self.write_paused = False
+        self.write_paused_at: float | None = None
+        self.last_activity = server.clock.monotonic()
+        self.partial_since: float | None = None
         self.closing = False
 
     # -- asyncio callbacks -----------------------------------------------------------
@@ -55,7 +74,16 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        self.caller = Caller(str(peer), _is_loopback(peer), self.server.request_shutdown)
+        self.caller.peer = str(peer)
+        self.caller.loopback = _is_loopback(peer)
+        if len(self.server.connections) >= self.server.limits.max_connections:
+            self.refuse(
+                TooManyConnections(
+                    f"the server has {len(self.server.connections)} connections, its limit;"
+                    " retry later or use another server"
+                )
+            )
+            return
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -65,18 +93,24 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        now = self.server.clock.monotonic()
+        self.last_activity = now
         lines, overflow = self.splitter.feed(data)
         self.lines(lines)
         if overflow is not None:
-            self.send(encode_error(None, overflow))
-            self.close()
+            self.refuse(overflow)
+            return
+        if self.splitter.buffered == 0:
+            self.partial_since = None
+        elif lines or self.partial_since is None:
+            self.partial_since = now
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        self.write_paused_at = self.server.clock.monotonic()
         self._update_reading()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
+        self.write_paused_at = None
         self._update_reading()
 
     # -- requests --------------------------------------------------------------------
@@ -89,28 +123,36 @@ class Connection(asyncio.Protocol):
             if isinstance(parsed, ErrorReply):
                 self.send(encode_error(parsed.id, parsed.error))
                 continue
-            handler = METHODS.get(parsed.method)
-            if handler is None:
+            entry = METHODS.get(parsed.method)
+            if entry is None:
                 names = ", ".join(sorted(METHODS))
-                self.send(
-                    encode_error(
-                        parsed.id,
-                        MethodNotFound(f"unknown method {parsed.method!r}; methods are {names}"),
-                    )
-                )
+                error = MethodNotFound(f"unknown method {parsed.method!r}; methods are {names}")
+                self.send(encode_error(parsed.id, error))
                 continue
-            self.inflight += 1
-            call = handler(self.server.service, parsed.params, self.caller)
-            task = asyncio.ensure_future(self.run(parsed, call))
-            self.server.tasks.add(task)
-            task.add_done_callback(self.server.tasks.discard)
+            handler, level = entry
+            try:
+                require(self.caller, level, parsed.method)
+            except KqsError as exc:
+                self.send(encode_error(parsed.id, exc))
+                continue
+            self.start(parsed, handler)
         self._update_reading()
+
+    def start(self, req: Request, handler: Handler) -> None:
+        self.inflight += 1
+        call = handler(self.server.service, req.params, self.caller)
+        task = asyncio.ensure_future(self.run(req, call))
+        self.server.tasks.add(task)
+        task.add_done_callback(self.server.tasks.discard)
 
     async def run(self, req: Request, call: Any) -> None:
         try:
             result = await call
         except KqsError as exc:
             reply = encode_error(req.id, exc)
+            if req.method == "auth" and exc.code == "unauthorized":
+                self.refuse(exc, req.id)  # no second guess on this connection
+                return
         except Exception:
             log.exception("method %s failed", req.method)
             reply = encode_error(
@@ -123,6 +165,7 @@ class Connection(asyncio.Protocol):
                 reply = encode_error(req.id, InternalError(f"reply could not be encoded: {exc}"))
         finally:
             self.inflight -= 1
+            self.last_activity = self.server.clock.monotonic()
         self.send(reply)
         self._update_reading()
 
@@ -132,15 +175,34 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    def refuse(self, error: KqsError, req_id: Any = None) -> None:
+        """Send a last error line and close the connection."""
+        self.send(encode_error(req_id, error))
+        self.close()
+
     def close(self) -> None:
         self.closing = True
         if self.transport is not None:
             self.transport.close()
 
+    def check_timeouts(self, now: float) -> None:
+        """Close this connection if it broke a time limit (called by the server's sweep)."""
+        limits = self.server.limits
+        if self.write_paused_at is not None and now - self.write_paused_at > limits.write_timeout:
+            log.info("closing %s: replies unread for %.0fs", self.caller.peer, limits.write_timeout)
+            if self.transport is not None:
+                self.transport.abort()  # its buffer is full: a last line could not go out
+            return
+        if self.partial_since is not None and now - self.partial_since > limits.line_timeout:
+            self.refuse(Timeout(f"a request line took over {limits.line_timeout:.0f}s to arrive"))
+        elif self.inflight == 0 and now - self.last_activity > limits.idle_timeout:
+            self.refuse(Timeout(f"idle for over {limits.idle_timeout:.0f}s; reconnect when needed"))
+
     def _update_reading(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        should_pause = self.write_paused or self.inflight >= self.server.max_inflight
+        paused = self.write_paused_at is not None
+        should_pause = paused or self.inflight >= self.server.limits.max_inflight
         if should_pause and not self.read_paused:
             self.transport.pause_reading()
             self.read_paused = True
@@ -154,31 +216,49 @@ class RpcServer:
         self,
         service: Service,
         *,
-        max_line: int,
-        max_inflight: int,
         request_shutdown: Callable[[], None],
+        limits: Limits | None = None,
+        access: Access | None = None,
+        tls: ssl.SSLContext | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.service = service
-        self.max_line = max_line
-        self.max_inflight = max_inflight
         self.request_shutdown = request_shutdown
+        self.limits = limits or Limits()
+        self.access = access or Access()
+        self.tls = tls
+        self.clock = clock
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Future[None]] = set()
         self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen; return the bound port (useful with port 0)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: Connection(self), host, port, reuse_address=True
+            lambda: Connection(self), host, port, reuse_address=True, ssl=self.tls
         )
+        self._sweeper = asyncio.create_task(self._sweep(), name="rpc-timeouts")
         sock = self._server.sockets[0]
         bound: int = sock.getsockname()[1]
         return bound
 
+    async def _sweep(self) -> None:
+        """Check every connection's time limits a few times per shortest limit."""
+        limits = self.limits
+        every = max(0.05, min(limits.idle_timeout, limits.line_timeout, limits.write_timeout) / 4)
+        while True:
+            await self.clock.sleep(min(every, 1.0))
+            now = self.clock.monotonic()
+            for conn in list(self.connections):
+                conn.check_timeouts(now)
+
     async def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
     async def wait_idle(self, within: float) -> None:
         """Wait until no request is in flight, at most `within` seconds."""
@@ -188,3 +268,10 @@ class RpcServer:
     def close_connections(self) -> None:
         for conn in list(self.connections):
             conn.close()
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server TLS context from PEM certificate-chain and key files."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context

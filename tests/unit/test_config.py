@@ -54,3 +54,19 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
         load_config(f)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('tls_cert = "c.pem"', "tls_key"),
+        ('auth_token = "short"', "auth_token"),
+        ('admin_token = "short"', "admin_token"),
+        ('bulk_store = "s3://bucket"', "bulk_store"),
+    ],
+)
+def test_security_and_store_keys_are_checked(tmp_path: Path, text: str, key: str) -> None:
+    f = tmp_path / "k.toml"
+    f.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=key):
+        load_config(f)
