@@ -10,8 +10,7 @@ journaled and put into beanstalkd, so feeding a job never re-encodes it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -36,8 +35,7 @@ NODE_RE = re.compile(r"[A-Za-z0-9_.]{1,32}")
 JOB_FIELDS = frozenset({"type", "data", "prio", "delay", "ttr"})
 
 
-@dataclass(frozen=True, slots=True)
-class JobSpec:
+class JobSpec(NamedTuple):
     """A validated job as a client asked for it, before it has an id."""
 
     type: str
@@ -47,9 +45,11 @@ class JobSpec:
     ttr: int
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
-    """A job as it is journaled and fed: the spec plus its id and insert time."""
+class Job(NamedTuple):
+    """A job as it is journaled and fed: the spec plus its id and insert time.
+
+    (NamedTuples: immutable, and several times cheaper to make than frozen dataclasses,
+    which matters once per job on the insert path.)"""
 
     id: str
     type: str
@@ -103,8 +103,37 @@ def parse_prio(value: Any, where: str = "") -> int:
     return _uint(value, "prio", where, low=0, high=MAX_PRIO)
 
 
+_known_types: set[str] = set()  # type names already checked against TUBE_RE
+_KNOWN_TYPES_MAX = 10_000
+
+
 def parse_job(obj: Any, *, index: int | None = None, default_ttr: int = DEFAULT_TTR) -> JobSpec:
-    """Validate one job object from a request; raise InvalidParams naming the field."""
+    """Validate one job object from a request; raise InvalidParams naming the field.
+
+    The common case (known type name, fields absent or plain in-range integers) takes a
+    fast path; anything else goes through `_parse_job_slowly`, which gives the errors."""
+    if type(obj) is dict and JOB_FIELDS.issuperset(obj):
+        type_ = obj.get("type")
+        prio = obj.get("prio", 10000)
+        if type(prio) is str:
+            prio = PRIORITIES.get(prio)
+        delay = obj.get("delay", 0)
+        ttr = obj.get("ttr", default_ttr)
+        if (
+            type(type_) is str
+            and type_ in _known_types
+            and type(prio) is int
+            and 0 <= prio <= MAX_PRIO
+            and type(delay) is int
+            and 0 <= delay <= MAX_SECONDS
+            and type(ttr) is int
+            and 1 <= ttr <= MAX_SECONDS
+        ):
+            return JobSpec(type_, obj.get("data"), prio, delay, ttr)
+    return _parse_job_slowly(obj, index=index, default_ttr=default_ttr)
+
+
+def _parse_job_slowly(obj: Any, *, index: int | None, default_ttr: int) -> JobSpec:
     where = "" if index is None else f"job {index}: "
     if not isinstance(obj, dict):
         raise InvalidParams(f"{where}a job must be a JSON object with at least a 'type'")
@@ -120,6 +149,8 @@ def parse_job(obj: Any, *, index: int | None = None, default_ttr: int = DEFAULT_
             f"{where}'type' must be a string of 1-200 characters"
             " from A-Z a-z 0-9 - + / ; . $ _ ( ), not starting with '-'"
         )
+    if len(_known_types) < _KNOWN_TYPES_MAX:
+        _known_types.add(type_)
     prio = parse_prio(obj.get("prio", "normal"), where)
     delay = _uint(obj.get("delay", 0), "delay", where, low=0, high=MAX_SECONDS)
     ttr = _uint(obj.get("ttr", default_ttr), "ttr", where, low=1, high=MAX_SECONDS)

@@ -90,3 +90,25 @@ def test_body_round_trip_and_remaining_delay() -> None:
     assert job.remaining_delay(100.0) == 10
     assert job.remaining_delay(104.5) == 6
     assert job.remaining_delay(200.0) == 0
+
+
+@pytest.mark.parametrize("bad", [["list"], {"d": 1}, None, 3.5])
+def test_unhashable_or_odd_types_are_refused_on_the_fast_path_too(bad: Any) -> None:
+    parse_job({"type": "warm"})  # the type cache is in use
+    with pytest.raises(InvalidParams, match="type"):
+        parse_job({"type": bad})
+
+
+def test_fast_and_slow_paths_agree() -> None:
+    for _ in range(2):  # first call fills the type cache, second takes the fast path
+        assert parse_job({"type": "same", "prio": "high", "delay": 3, "ttr": 9}) == (
+            "same",
+            None,
+            9000,
+            3,
+            9,
+        )
+        with pytest.raises(InvalidParams, match="prio"):
+            parse_job({"type": "same", "prio": "higher"})
+        with pytest.raises(InvalidParams, match="ttr"):
+            parse_job({"type": "same", "ttr": 0})
