@@ -529,6 +529,36 @@ def decode_list(reply: Reply) -> list[str]:
     raise error_for(reply, "OK <size>")
 
 
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """What a runner needs of `stats-job`: priority, time-to-run and how many times the
+    job has been reserved (its attempt number)."""
+
+    pri: int
+    ttr: int
+    reserves: int
+
+
+_JOB_INFO_RE: Final = re.compile(rb"^(pri|ttr|reserves): ([0-9]+)$", re.MULTILINE)
+
+
+def decode_job_info(reply: Reply) -> JobInfo | None:
+    """OK <n> + stats-job YAML -> JobInfo (only the three numbers, parsed fast); NOT_FOUND
+    -> None."""
+    if reply.status == "OK":
+        found = dict(_JOB_INFO_RE.findall(_body(reply)))
+        try:
+            return JobInfo(int(found[b"pri"]), int(found[b"ttr"]), int(found[b"reserves"]))
+        except KeyError:
+            raise UnexpectedReply(reply, "stats-job with pri, ttr and reserves") from None
+    if reply.status == "NOT_FOUND" and not reply.args:
+        return None
+    raise error_for(reply, "OK <size> or NOT_FOUND")
+
+
+_DECODE_DELETED: Final = decode_flag("DELETED")
+
+
 # --- the connection: I/O, FIFO, deadlines ------------------------------------------------
 
 
@@ -766,8 +796,23 @@ class BeanstalkClient:
         or `DEADLINE_SOON` (see there)."""
         return await self._call(cmd_reserve(timeout), decode_reserve, timeout + self._op_timeout)
 
+    async def reserve_batch(self, n: int) -> list[ReservedJob]:
+        """Pipeline `n` non-blocking reserves (`reserve-with-timeout 0`) in one write and
+        return the jobs they got, in order: fewer than `n`, or none, when fewer are ready.
+        TIMED_OUT and DEADLINE_SOON both mean "nothing now" here."""
+        if n <= 0:
+            return []
+        replies = await self._call_many([cmd_reserve(0)] * n, [decode_reserve] * n)
+        return [r for r in replies if isinstance(r, ReservedJob)]
+
     async def delete(self, id: int) -> bool:
         return await self._call(cmd_job("delete", id), decode_flag("DELETED"))
+
+    async def delete_batch(self, ids: Sequence[int]) -> list[bool]:
+        """Delete every job in one write; per id True, or False (NOT_FOUND)."""
+        return await self._call_many(
+            [cmd_job("delete", i) for i in ids], [_DECODE_DELETED] * len(ids)
+        )
 
     async def release(self, id: int, *, prio: int, delay: int) -> bool:
         """False if the job is not reserved by this connection; raises `BuriedError` if the
@@ -800,6 +845,13 @@ class BeanstalkClient:
 
     async def stats_job(self, id: int) -> dict[str, str | int | float] | None:
         return await self._call(cmd_job("stats-job", id), decode_stats(JOB_TEXT_KEYS))
+
+    async def job_info_batch(self, ids: Sequence[int]) -> list[JobInfo | None]:
+        """`stats-job` for every id in one write, reduced to `JobInfo`; None where the
+        job no longer exists."""
+        return await self._call_many(
+            [cmd_job("stats-job", i) for i in ids], [decode_job_info] * len(ids)
+        )
 
     async def list_tubes(self) -> list[str]:
         return await self._call(CMD_LIST_TUBES, decode_list)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,15 @@ server_option = click.option(
 
 
 def _client(server: str) -> Client:
+    """A connection to `server`, with the token and TLS given to the `kqs` group."""
+    root = click.get_current_context().find_root().params
+    tls_ca = root.get("tls_ca")
+    context = None
+    if root.get("tls") or tls_ca is not None:
+        context = ssl.create_default_context(cafile=str(tls_ca) if tls_ca else None)
     try:
         host, port = parse_address(server, key="--server")
-        return Client(host, port)
+        return Client(host, port, token=root.get("token") or None, tls=context)
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from exc
     except OSError as exc:
@@ -51,8 +58,19 @@ def _call(server: str, method: str, params: Any = None) -> Any:
 
 @click.group()
 @click.version_option(package_name="kqs")
-def main() -> None:
-    """kqs: a durable job queueing service."""
+@click.option("--token", envvar="KQS_TOKEN", help="auth token for client commands (env KQS_TOKEN).")
+@click.option("--tls", is_flag=True, help="client commands connect with TLS (system CAs).")
+@click.option(
+    "--tls-ca",
+    envvar="KQS_TLS_CA",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="CA file to verify the server's certificate (implies --tls; env KQS_TLS_CA).",
+)
+def main(token: str | None, tls: bool, tls_ca: Path | None) -> None:
+    """kqs: a durable job queueing service.
+
+    --token/--tls/--tls-ca apply to the client commands (insert, stats, dead, gc, quit),
+    e.g. `kqs --token $T stats`."""
 
 
 @main.command()
@@ -127,3 +145,166 @@ def stats(server: str) -> None:
 def quit_(server: str) -> None:
     """Ask a server (on this host) to drain and exit."""
     _print(_call(server, "quit"))
+
+
+# --- runners and dead jobs (docs/runner.md) ----------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--jobs",
+    "jobs_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="the job types file (see config/jobs.toml).",
+)
+@click.option(
+    "--server",
+    "-s",
+    "servers",
+    multiple=True,
+    envvar="KQS_SERVER",
+    help="host:port of a kqs server; repeat for several (default: runner.servers in the"
+    f" jobs file, else {DEFAULT_SERVER}; env KQS_SERVER, space-separated).",
+)
+@click.option(
+    "--grace", type=float, help="seconds running jobs get to finish on SIGTERM (default 30)."
+)
+@click.option(
+    "--token",
+    envvar="KQS_TOKEN",
+    help="the servers' auth_token, sent with `auth` on every connection (env KQS_TOKEN).",
+)
+@click.option("--tls", is_flag=True, help="connect to the servers with TLS (system CAs).")
+@click.option(
+    "--tls-ca",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="connect with TLS, trusting the CA certificates in this PEM file.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def run(
+    jobs_path: Path,
+    servers: tuple[str, ...],
+    grace: float | None,
+    token: str | None,
+    tls: bool,
+    tls_ca: Path | None,
+    log_level: str,
+) -> None:
+    """Run the handlers of the job types in --jobs for jobs from every --server."""
+    import dataclasses
+    import os
+
+    from kqs.runner.config import load_runner_config
+    from kqs.runner.runner import Runner
+
+    try:
+        config = load_runner_config(jobs_path)
+    except ConfigError as exc:
+        raise click.ClickException(f"jobs: {exc}") from exc
+    if grace is not None:
+        if not grace >= 0:
+            raise click.BadParameter("must be 0 or more seconds", param_hint="--grace")
+        config = dataclasses.replace(config, grace=grace)
+    chosen = list(servers) or list(config.servers) or [DEFAULT_SERVER]
+    for server in chosen:
+        try:
+            parse_address(server, key="--server")
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc)) from exc
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # handlers import from here, as with `python -m`
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    context: ssl.SSLContext | None = None
+    if tls or tls_ca is not None:
+        context = ssl.create_default_context(cafile=str(tls_ca) if tls_ca else None)
+    runner: Runner | None = None
+
+    async def main() -> int:
+        nonlocal runner
+        runner = Runner(config, chosen, token=token or None, tls=context)
+        return await runner.run()
+
+    try:
+        code = asyncio.run(main())
+    except ConfigError as exc:
+        raise click.ClickException(f"jobs: {exc}") from exc
+    if runner is not None and runner.threads.busy:
+        # A sync handler that outlived the grace period cannot be stopped; its job was
+        # released. Do not wait for its thread at interpreter exit.
+        logging.getLogger("kqs.runner").warning(
+            "%d sync handler thread(s) still running; exiting without them",
+            runner.threads.busy,
+        )
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+@main.group()
+def dead() -> None:
+    """Inspect, retry and purge dead jobs on a server."""
+
+
+@dead.command(name="list")
+@click.option("--type", "type_", help="only jobs of this type")
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--after", help="the 'next' value of the previous page")
+@server_option
+def dead_list(type_: str | None, limit: int, after: str | None, server: str) -> None:
+    """Print a page of dead jobs (oldest first) as JSON: {"jobs": [...], "next": ...}."""
+    params: dict[str, Any] = {"limit": limit}
+    if type_ is not None:
+        params["type"] = type_
+    if after is not None:
+        params["after"] = after
+    _print(_call(server, "dead", params))
+
+
+def _dead_selection(ids: tuple[str, ...], type_: str | None, all_: bool | None = None) -> Any:
+    """The params naming dead jobs: IDs, --type or (where offered, all_ not None) --all;
+    exactly one of them."""
+    if sum((bool(ids), type_ is not None, bool(all_))) != 1:
+        choices = "job IDs, --type TYPE" + (" or --all" if all_ is not None else "")
+        raise click.UsageError(f"give exactly one of {choices}")
+    if ids:
+        return {"ids": list(ids)}
+    if type_ is not None:
+        return {"type": type_}
+    return {"all": True}
+
+
+@dead.command(name="retry")
+@click.argument("ids", nargs=-1)
+@click.option("--type", "type_", help="every dead job of this type")
+@server_option
+def dead_retry(ids: tuple[str, ...], type_: str | None, server: str) -> None:
+    """Feed dead jobs again, attempts reset: IDs or --type TYPE."""
+    _print(_call(server, "retry", _dead_selection(ids, type_)))
+
+
+@dead.command(name="purge")
+@click.argument("ids", nargs=-1)
+@click.option("--type", "type_", help="every dead job of this type")
+@click.option("--all", "all_", is_flag=True, help="every dead job")
+@server_option
+def dead_purge(ids: tuple[str, ...], type_: str | None, all_: bool, server: str) -> None:
+    """Remove dead jobs for good: IDs, --type TYPE or --all."""
+    _print(_call(server, "purge", _dead_selection(ids, type_, all_)))
+
+
+@main.command()
+@server_option
+def gc(server: str) -> None:
+    """Delete bulk payloads of finished jobs now (admin)."""
+    _print(_call(server, "gc"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 
-from tests.support import KqsProcess
+from tests.support import BeanstalkdProcess, KqsProcess
 
 
 def kqs_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -56,3 +56,20 @@ def test_bad_config_names_the_key(tmp_path: Path) -> None:
     config.write_text("max_jobs_per_insert = 0\n")
     out = kqs_cli("serve", "--config", str(config))
     assert out.returncode != 0 and "max_jobs_per_insert" in out.stderr
+
+
+def test_client_commands_send_the_token(tmp_path: Path, beanstalkd: BeanstalkdProcess) -> None:
+    token = "cli-token-0123456789"
+    server = KqsProcess(
+        tmp_path / "data", beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}", auth_token=token
+    )
+    server.start()
+    try:
+        address = f"127.0.0.1:{server.port}"
+        refused = kqs_cli("stats", "--server", address)
+        assert refused.returncode != 0 and "unauthorized" in refused.stderr
+        ok = kqs_cli("--token", token, "insert", "t", "--server", address)
+        assert ok.returncode == 0, ok.stderr
+        assert kqs_cli("--token", token, "gc", "--server", address).returncode == 0
+    finally:
+        server.kill()
