@@ -131,3 +131,12 @@ def command_main() -> int:
 
 if __name__ == "__main__":
     sys.exit(command_main())
+
+
+def digest(job: JobContext) -> None:
+    """Records a SHA-256 of the data as the handler sees it (bytes hashed as they are)."""
+    import hashlib
+
+    data = job.data
+    raw = data if isinstance(data, bytes) else orjson.dumps(data)
+    record("digest", hashlib.sha256(raw).hexdigest(), job.id, job.attempt)
