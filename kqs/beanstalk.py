@@ -39,8 +39,8 @@ import enum
 import re
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeVar, cast
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, NamedTuple, TypeVar, cast
 
 from kqs.model import TUBE_RE
 
@@ -59,9 +59,11 @@ DEFAULT_OP_TIMEOUT: Final = 10.0
 # --- values ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """One reply: status word, the words after it, and the body that follows some replies."""
+class Reply(NamedTuple):
+    """One reply: status word, the words after it, and the body that follows some replies.
+
+    (The small values made once per command are NamedTuples: immutable, and several times
+    cheaper to make than frozen dataclasses.)"""
 
     status: str
     args: tuple[str, ...] = ()
@@ -76,8 +78,7 @@ PUT_STATUSES: Final[frozenset[str]] = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class PutItem:
+class PutItem(NamedTuple):
     """One job for `put_batch`: the tube to put it on and beanstalkd's put arguments."""
 
     tube: str
@@ -87,8 +88,7 @@ class PutItem:
     ttr: int
 
 
-@dataclass(frozen=True, slots=True)
-class PutResult:
+class PutResult(NamedTuple):
     """The outcome of one put. INSERTED and BURIED (the server ran out of memory growing a
     priority queue and buried the job) carry the job id; the other statuses carry none and
     mean the job is not in beanstalkd. The caller decides what to do; nothing is raised."""
@@ -295,18 +295,17 @@ CMD_LIST_TUBES: Final = b"list-tubes\r\n"
 
 # --- reply parsing -----------------------------------------------------------------------
 
-_STATUS_RE: Final = re.compile(rb"[A-Z_]+")
-_ARG_RE: Final = re.compile(rb"[\x21-\x7e]+")
+# A status word, then words of printable ASCII, one space apart.
+_LINE_RE: Final = re.compile(rb"[A-Z_]+(?: [\x21-\x7e]+)*")
 #: Replies followed by a body: how many words follow the status (the last is the size).
 _BODY_REPLIES: Final = {"RESERVED": 2, "FOUND": 2, "OK": 1}
 
 
 def _parse_line(line: bytes) -> tuple[str, tuple[str, ...]]:
-    words = line.split(b" ")
-    if _STATUS_RE.fullmatch(words[0]) is None or not all(_ARG_RE.fullmatch(w) for w in words[1:]):
+    if _LINE_RE.fullmatch(line) is None:
         raise MalformedReply(f"not a beanstalkd reply line: {line[:80]!r}")
-    status = words[0].decode("ascii")
-    args = tuple(w.decode("ascii") for w in words[1:])
+    status, *words = line.decode("ascii").split(" ")
+    args = tuple(words)
     want = _BODY_REPLIES.get(status)
     if want is not None and (len(args) != want or not all(a.isdigit() for a in args)):
         raise MalformedReply(f"bad {status} reply line: {line[:80]!r}")
@@ -440,14 +439,18 @@ def _body(reply: Reply) -> bytes:
     return reply.body
 
 
+_PUT_EXPECTED: Final = "a put outcome (" + ", ".join(sorted(PUT_STATUSES)) + ")"
+
+
 def decode_put(reply: Reply) -> PutResult:
-    expected = "a put outcome (" + ", ".join(sorted(PUT_STATUSES)) + ")"
-    status = reply.status
+    status, args = reply.status, reply.args
+    if status == "INSERTED" and len(args) == 1 and args[0].isdigit():
+        return PutResult("INSERTED", int(args[0]))  # the common case, first
     if status in ("INSERTED", "BURIED"):
-        return PutResult(cast(PutStatus, status), _number(reply, expected))
-    if status in PUT_STATUSES and not reply.args:
+        return PutResult(cast(PutStatus, status), _number(reply, _PUT_EXPECTED))
+    if status in PUT_STATUSES and not args:
         return PutResult(cast(PutStatus, status))
-    raise error_for(reply, expected)
+    raise error_for(reply, _PUT_EXPECTED)
 
 
 def decode_use(tube: str) -> Decoder[None]:
@@ -564,17 +567,26 @@ _DECODE_DELETED: Final = decode_flag("DELETED")
 
 @dataclass(slots=True)
 class _Pending:
+    """Commands written together and waited for together: one future for all of them.
+
+    `many` False: the future gets the one reply's value; True: the list of values. The
+    first error is kept while the remaining replies of the group are still consumed (so
+    the connection stays in step), then set on the future."""
+
     future: asyncio.Future[Any]
-    decode: Decoder[Any]
+    decoders: Sequence[Decoder[Any]]
     deadline: float  # loop time; never earlier than the deadline of the entry before it
+    many: bool
+    values: list[Any] = field(default_factory=list)
+    error: BaseException | None = None
 
 
 class _Connection(asyncio.Protocol):
     """One TCP connection: writes commands, resolves their futures in order.
 
-    Invariants: `_pending` holds one entry per command written and not yet answered, in
-    the order written; deadlines never decrease along it, so only the head's needs
-    watching; while `_pending` is not empty, `_timer` fires no later than the head's
+    Invariants: `_pending` holds one entry per group of commands written and not yet fully
+    answered, in the order written; deadlines never decrease along it, so only the head's
+    needs watching; while `_pending` is not empty, `_timer` fires no later than the head's
     deadline. Once `_failure` is set the connection is dead for good.
     """
 
@@ -603,31 +615,41 @@ class _Connection(asyncio.Protocol):
         except MalformedReply as exc:
             self.fail(exc)
             return
+        pending = self._pending
         for reply in replies:
-            if not self._pending:
+            if not pending:
                 self.fail(MalformedReply(f"reply {reply.status!r} to no command"))
                 return
-            entry = self._pending.popleft()
+            entry = pending[0]
             broken: BaseException | None = None
             try:
-                value = entry.decode(reply)
+                entry.values.append(entry.decoders[len(entry.values)](reply))
             except BeanstalkError as exc:
                 if isinstance(exc, UnexpectedReply):
                     broken = exc
-                if not entry.future.done():
-                    entry.future.set_exception(exc)
+                entry.error = entry.error or exc
+                entry.values.append(None)
             except MalformedReply as exc:
                 broken = exc
-                if not entry.future.done():
-                    entry.future.set_exception(self._unavailable(exc))
-            else:
-                if not entry.future.done():
-                    entry.future.set_result(value)
+                entry.error = entry.error or self._unavailable(exc)
+                entry.values.append(None)
+            if len(entry.values) == len(entry.decoders):
+                pending.popleft()
+                self._settle(entry)
             if broken is None and reply.status in DESYNC_STATUSES:
                 broken = ERRORS[reply.status](f"beanstalkd answered {reply.status}: out of step")
             if broken is not None:
                 self.fail(broken)
                 return
+
+    @staticmethod
+    def _settle(entry: _Pending) -> None:
+        if entry.future.done():
+            return
+        if entry.error is not None:
+            entry.future.set_exception(entry.error)
+        else:
+            entry.future.set_result(entry.values if entry.many else entry.values[0])
 
     def eof_received(self) -> bool:
         self.fail(ConnectionResetError("beanstalkd closed the connection"))
@@ -640,25 +662,23 @@ class _Connection(asyncio.Protocol):
     # used by the client
 
     def send(
-        self, data: bytes, decoders: Sequence[Decoder[Any]], timeout: float
-    ) -> list[asyncio.Future[Any]]:
-        """Write `data` (one command per decoder) and return one future per reply."""
+        self, data: bytes, decoders: Sequence[Decoder[Any]], timeout: float, *, many: bool
+    ) -> asyncio.Future[Any]:
+        """Write `data` (one command per decoder); return one future for all the replies:
+        the value of the only reply, or (`many`) the list of values in order."""
         if self._failure is not None or self._transport is None:
             raise self._unavailable(self._failure or ConnectionError("not connected"))
         deadline = self._loop.time() + timeout
         if self._pending:
             deadline = max(deadline, self._pending[-1].deadline)
-        futures = []
-        for decode in decoders:
-            future: asyncio.Future[Any] = self._loop.create_future()
-            self._pending.append(_Pending(future, decode, deadline))
-            futures.append(future)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._pending.append(_Pending(future, decoders, deadline, many))
         self._transport.write(data)
         if self._timer is None or self._timer.when() > self._pending[0].deadline:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = self._loop.call_at(self._pending[0].deadline, self._on_timer)
-        return futures
+        return future
 
     def fail(self, cause: BaseException) -> None:
         """Break the connection: fail every pending call, close the socket."""
@@ -738,19 +758,21 @@ class BeanstalkClient:
 
     async def _call(self, data: bytes, decode: Decoder[T], wait: float | None = None) -> T:
         """Send one command; await its reply for `wait` seconds (default `op_timeout`)."""
-        (future,) = self._conn.send(data, (decode,), self._op_timeout if wait is None else wait)
+        future = self._conn.send(
+            data, (decode,), self._op_timeout if wait is None else wait, many=False
+        )
         return cast(T, await future)
 
     async def _call_many(self, chunks: Sequence[bytes], decoders: Sequence[Decoder[T]]) -> list[T]:
         if not chunks:
             return []
-        futures = self._conn.send(b"".join(chunks), decoders, self._op_timeout)
-        return cast(list[T], await asyncio.gather(*futures))
+        future = self._conn.send(b"".join(chunks), decoders, self._op_timeout, many=True)
+        return cast(list[T], await future)
 
     # producing
 
     async def use(self, tube: str) -> None:
-        (future,) = self._conn.send(cmd_use(tube), (decode_use(tube),), self._op_timeout)
+        future = self._conn.send(cmd_use(tube), (decode_use(tube),), self._op_timeout, many=False)
         self._using = tube  # for the commands written after this one
         await future
 
@@ -773,9 +795,9 @@ class BeanstalkClient:
             decoders.append(decode_put)
         if not chunks:
             return []
-        futures = self._conn.send(b"".join(chunks), decoders, self._op_timeout)
+        future = self._conn.send(b"".join(chunks), decoders, self._op_timeout, many=True)
         self._using = using
-        replies = await asyncio.gather(*futures)
+        replies = await future
         return [r for r in replies if isinstance(r, PutResult)]
 
     # reading and working

@@ -388,11 +388,36 @@ def _connection() -> tuple[_Connection, FakeTransport]:
     return conn, transport
 
 
+def send_each(
+    conn: Any, commands: list[bytes], decode: Any, timeout: float
+) -> list[asyncio.Future[Any]]:
+    """Write each command as its own call (one future each)."""
+    return [conn.send(c, [decode], timeout, many=False) for c in commands]
+
+
+def test_a_group_of_commands_shares_one_future_and_stays_in_step() -> None:
+    async def main() -> None:
+        conn, transport = _connection()
+        group = conn.send(
+            b"watch a\r\nignore b\r\nwatch c\r\n", [decode_watching] * 3, 10, many=True
+        )
+        after = conn.send(b"stats\r\n", [decode_server_stats], 10, many=False)
+        conn.data_received(b"WATCHING 2\r\nNOT_IGNORED\r\n")
+        assert not group.done()
+        conn.data_received(b"WATCHING 3\r\nOK 11\r\n---\npid: 1\n\r\n")
+        with pytest.raises(NotIgnoredError):
+            group.result()  # the first error, once the whole group was answered
+        assert after.result()["pid"] == 1  # and the reply after it went to its own call
+        assert not transport.aborted
+
+    asyncio.run(main())
+
+
 def test_replies_resolve_futures_in_order() -> None:
     async def main() -> None:
         conn, transport = _connection()
-        f1, f2 = conn.send(b"delete 1\r\ndelete 2\r\n", [decode_flag("DELETED")] * 2, 10)
-        (f3,) = conn.send(b"peek 3\r\n", [decode_peek(3)], 10)
+        f1, f2 = send_each(conn, [b"delete 1\r\n", b"delete 2\r\n"], decode_flag("DELETED"), 10)
+        f3 = conn.send(b"peek 3\r\n", [decode_peek(3)], 10, many=False)
         assert transport.written == b"delete 1\r\ndelete 2\r\npeek 3\r\n"
         conn.data_received(b"DELETED\r\nNOT_FO")
         assert f1.result() is True
@@ -408,7 +433,7 @@ def test_replies_resolve_futures_in_order() -> None:
 def test_error_status_fails_only_its_call() -> None:
     async def main() -> None:
         conn, transport = _connection()
-        f1, f2 = conn.send(b"ignore a\r\nwatch b\r\n", [decode_watching] * 2, 10)
+        f1, f2 = send_each(conn, [b"ignore a\r\n", b"watch b\r\n"], decode_watching, 10)
         conn.data_received(b"NOT_IGNORED\r\nWATCHING 2\r\n")
         with pytest.raises(NotIgnoredError):
             f1.result()
@@ -430,7 +455,7 @@ def test_error_status_fails_only_its_call() -> None:
 def test_out_of_step_breaks_the_connection(reply: bytes, first_error: type[Exception]) -> None:
     async def main() -> None:
         conn, transport = _connection()
-        f1, f2 = conn.send(b"delete 1\r\ndelete 2\r\n", [decode_flag("DELETED")] * 2, 10)
+        f1, f2 = send_each(conn, [b"delete 1\r\n", b"delete 2\r\n"], decode_flag("DELETED"), 10)
         conn.data_received(reply)
         with pytest.raises(first_error):
             f1.result()
@@ -438,7 +463,7 @@ def test_out_of_step_breaks_the_connection(reply: bytes, first_error: type[Excep
             f2.result()
         assert transport.aborted
         with pytest.raises(BeanstalkUnavailable):
-            conn.send(b"stats\r\n", [decode_server_stats], 10)
+            conn.send(b"stats\r\n", [decode_server_stats], 10, many=False)
 
     asyncio.run(main())
 
@@ -449,7 +474,7 @@ def test_unsolicited_reply_breaks_the_connection() -> None:
         conn.data_received(b"INSERTED 1\r\n")
         assert transport.aborted
         with pytest.raises(BeanstalkUnavailable) as info:
-            conn.send(b"stats\r\n", [decode_server_stats], 10)
+            conn.send(b"stats\r\n", [decode_server_stats], 10, many=False)
         assert isinstance(info.value.__cause__, MalformedReply)
 
     asyncio.run(main())
@@ -458,7 +483,7 @@ def test_unsolicited_reply_breaks_the_connection() -> None:
 def test_deadline_fails_every_pending_call() -> None:
     async def main() -> None:
         conn, transport = _connection()
-        f1, f2 = conn.send(b"delete 1\r\ndelete 2\r\n", [decode_flag("DELETED")] * 2, 0.05)
+        f1, f2 = send_each(conn, [b"delete 1\r\n", b"delete 2\r\n"], decode_flag("DELETED"), 0.05)
         for future in (f1, f2):
             with pytest.raises(BeanstalkUnavailable) as info:
                 await future
@@ -472,8 +497,8 @@ def test_later_deadline_waits_for_earlier_commands() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         conn, _ = _connection()
-        (slow,) = conn.send(b"reserve-with-timeout 1\r\n", [decode_reserve], 5)
-        (fast,) = conn.send(b"stats\r\n", [decode_server_stats], 0.01)
+        slow = conn.send(b"reserve-with-timeout 1\r\n", [decode_reserve], 5, many=False)
+        fast = conn.send(b"stats\r\n", [decode_server_stats], 0.01, many=False)
         # `fast` cannot be answered before `slow`, so it inherits the later deadline.
         await asyncio.sleep(0.05)
         assert not fast.done()
@@ -482,7 +507,7 @@ def test_later_deadline_waits_for_earlier_commands() -> None:
         assert fast.result() == {}
         # An idle connection with a stale timer still honours a new, shorter deadline.
         start = loop.time()
-        (quick,) = conn.send(b"stats\r\n", [decode_server_stats], 0.05)
+        quick = conn.send(b"stats\r\n", [decode_server_stats], 0.05, many=False)
         with pytest.raises(BeanstalkUnavailable):
             await quick
         assert loop.time() - start < 1.0
@@ -493,7 +518,7 @@ def test_later_deadline_waits_for_earlier_commands() -> None:
 def test_cancelled_caller_keeps_the_fifo_in_step() -> None:
     async def main() -> None:
         conn, _ = _connection()
-        f1, f2 = conn.send(b"delete 1\r\ndelete 2\r\n", [decode_flag("DELETED")] * 2, 10)
+        f1, f2 = send_each(conn, [b"delete 1\r\n", b"delete 2\r\n"], decode_flag("DELETED"), 10)
         f1.cancel()
         conn.data_received(b"DELETED\r\nNOT_FOUND\r\n")
         assert f2.result() is False
@@ -504,7 +529,7 @@ def test_cancelled_caller_keeps_the_fifo_in_step() -> None:
 def test_eof_fails_pending_calls() -> None:
     async def main() -> None:
         conn, _ = _connection()
-        (future,) = conn.send(b"stats\r\n", [decode_server_stats], 10)
+        future = conn.send(b"stats\r\n", [decode_server_stats], 10, many=False)
         conn.eof_received()
         with pytest.raises(BeanstalkUnavailable, match="closed the connection"):
             future.result()
