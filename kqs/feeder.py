@@ -50,7 +50,7 @@ class FeedJournal(Protocol):
     @property
     def jobs(self) -> Mapping[str, FedEntry]: ...
 
-    def note_fed(self, job_id: str, bid: int) -> None: ...
+    def note_fed_many(self, fed: Sequence[tuple[str, int]]) -> None: ...
 
     async def read_bodies(self, job_ids: Sequence[str]) -> list[bytes]: ...
 
@@ -388,10 +388,10 @@ class Feeder:
             raise
         retry: list[FeedItem] = []
         kicks: list[int] = []
+        fed: list[tuple[str, int]] = []
         for item, res in zip(items, results, strict=True):
             if res.status in ("INSERTED", "BURIED") and res.id is not None:
-                self._journal.note_fed(item.job_id, res.id)
-                self.stats.fed += 1
+                fed.append((item.job_id, res.id))
                 if res.status == "BURIED":
                     self.stats.buried_on_put += 1
                     kicks.append(res.id)
@@ -400,6 +400,8 @@ class Feeder:
             else:  # DRAINING, OUT_OF_MEMORY, EXPECTED_CRLF: beanstalkd cannot take it now
                 retry.append(item)
                 self.stats.last_error = f"put answered {res.status}"
+        self._journal.note_fed_many(fed)
+        self.stats.fed += len(fed)
         for bid in kicks:
             await client.kick_job(bid)
         if retry:

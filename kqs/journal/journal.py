@@ -24,11 +24,11 @@ from kqs.journal import segment
 from kqs.journal.diskio import OS_IO, DiskIO
 from kqs.journal.record import (
     BID,
+    HEADER_SIZE,
     Kind,
     data_start,
     encode,
     pack_bid,
-    record_size,
     unpack_bid,
 )
 from kqs.journal.segment import Quarantined
@@ -96,12 +96,15 @@ class JournalStats:
 
 
 def copy_cost(job_id: str, entry: JobEntry) -> int:
-    """Bytes a copy-forward of the job writes: INSERT, plus FED and DEAD if they apply."""
-    cost = record_size(job_id, entry.length)
+    """Bytes a copy-forward of the job writes: INSERT, plus FED and DEAD if they apply.
+
+    (`record_size` spelled out: this runs several times per job on the insert path.)"""
+    head = HEADER_SIZE + 2 + len(job_id)
+    cost = head + entry.length
     if entry.bid:
-        cost += record_size(job_id, BID.size)
+        cost += head + BID.size
     if entry.dead is not None:
-        cost += record_size(job_id, len(entry.dead))
+        cost += head + len(entry.dead)
     return cost
 
 
@@ -454,12 +457,19 @@ class Journal:
         written even if no other append comes. Unknown ids are ignored; so is the
         record (not the bid) once the journal has failed or is closing.
         """
-        data = pack_bid(bid)
-        if not self._ledger.set_bid(job_id, bid) or self.failed or self._closing:
-            return
-        rec = _Rec(Kind.FED, job_id, data, encode(Kind.FED, job_id, data))
-        self._queue.append(_Op([rec], None, len(rec.raw)))
-        self._ensure_writer()
+        self.note_fed_many([(job_id, bid)])
+
+    def note_fed_many(self, fed: Sequence[tuple[str, int]]) -> None:
+        """`note_fed` for many jobs at once (one queued operation for all)."""
+        recs = []
+        writable = not (self.failed or self._closing)
+        for job_id, bid in fed:
+            if self._ledger.set_bid(job_id, bid) and writable:
+                data = pack_bid(bid)
+                recs.append(_Rec(Kind.FED, job_id, data, encode(Kind.FED, job_id, data)))
+        if recs:
+            self._queue.append(_Op(recs, None, sum(len(r.raw) for r in recs)))
+            self._ensure_writer()
 
     async def mark_done(self, job_id: str) -> None:
         """Durably record that the job finished, then drop it from `jobs`. KeyError if

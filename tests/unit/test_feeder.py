@@ -32,9 +32,10 @@ class FakeJournal:
         self.bodies[job.id] = body
         return FeedItem.of(job, body)
 
-    def note_fed(self, job_id: str, bid: int) -> None:
-        if job_id in self.jobs:
-            self.jobs[job_id].bid = bid
+    def note_fed_many(self, fed: Sequence[tuple[str, int]]) -> None:
+        for job_id, bid in fed:
+            if job_id in self.jobs:
+                self.jobs[job_id].bid = bid
 
     async def read_bodies(self, job_ids: Sequence[str]) -> list[bytes]:
         return [self.bodies[j] for j in job_ids]
