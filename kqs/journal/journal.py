@@ -39,6 +39,8 @@ Ts = TypeVarTuple("Ts")
 
 MAX_BATCH_BYTES = 16 * 2**20
 """A batch stops taking queued appends once it holds this many bytes (at least one)."""
+ADVISORY_LINGER = 0.2
+"""Seconds advisory records (FED) wait for a durable write to share its fsync with."""
 COMPACT_SLICE_BYTES = 2**20
 COMPACT_SLICE_JOBS = 1024
 _UNTIL_RESTART = "the server accepts no more writes until restarted"
@@ -347,6 +349,9 @@ class Journal:
         self._closer: asyncio.Future[None] | None = None
         self._queue: deque[_Op] = deque()
         self._writer: asyncio.Task[None] | None = None
+        self._durable_queued = 0  # queued ops that someone waits for
+        self._hurry: asyncio.Event | None = None  # set when a durable op or flush arrives
+        self._urgent = False  # flush or close asked for everything since the last linger
         self._compact_source: int | None = None
         self._compact_off = compact_ratio <= 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kqs-journal")
@@ -510,6 +515,7 @@ class Journal:
         """Write whatever is queued (buffered FED records too) and wait until the writer
         is idle, including the retirement and compaction that followed. JournalFailed
         if the journal has failed."""
+        self._wake_writer()
         self._ensure_writer()
         while self._writer is not None:
             await asyncio.shield(self._writer)
@@ -563,6 +569,8 @@ class Journal:
         """Queue records for the next batch and wait for its fsync."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(_Op(recs, waiter, sum(len(r.raw) for r in recs)))
+        self._durable_queued += 1
+        self._wake_writer(urgent=False)
         self._ensure_writer()
         await waiter
 
@@ -573,6 +581,7 @@ class Journal:
     async def _close(self) -> None:
         """Body of `close`: drain the writer, then close files and the executor."""
         self._closing = True
+        self._wake_writer()
         self._ensure_writer()
         while self._writer is not None:
             await asyncio.shield(self._writer)
@@ -596,12 +605,18 @@ class Journal:
         self._writer = loop.create_task(self._write_loop(), name="kqs-journal-writer")
 
     async def _write_loop(self) -> None:
-        """Commit batches until nothing is queued and no compaction slice is due."""
+        """Commit batches until nothing is queued and no compaction slice is due.
+
+        Advisory records alone (FED: nobody waits for them) do not get an fsync of their
+        own: they wait up to ADVISORY_LINGER for a durable write to go out with, which
+        keeps fsyncs for the inserts and finishes that need them."""
         try:
             while not self.failed:
                 copies = await self._compaction_slice()
                 if not self._queue and not copies:
                     break
+                if not copies and not self._durable_queued:
+                    await self._linger()
                 await self._commit(copies)
                 if not self.failed:
                     await self._after_commit()
@@ -614,6 +629,21 @@ class Journal:
         finally:
             self._writer = None
 
+    def _wake_writer(self, *, urgent: bool = True) -> None:
+        """End a linger: a durable op arrived, or (`urgent`) flush/close want it all now."""
+        self._urgent = self._urgent or urgent
+        if self._hurry is not None:
+            self._hurry.set()
+
+    async def _linger(self) -> None:
+        """Wait for a durable op (or flush/close) for at most ADVISORY_LINGER seconds."""
+        self._hurry = hurry = asyncio.Event()
+        if self._urgent or self._durable_queued or self._closing:
+            self._urgent = False
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), ADVISORY_LINGER)
+
     def _take_batch(self) -> list[_Op]:
         """Pop queued ops up to MAX_BATCH_BYTES (at least one op if any is queued)."""
         ops: list[_Op] = []
@@ -622,6 +652,8 @@ class Journal:
             op = self._queue.popleft()
             ops.append(op)
             size += op.size
+            if op.waiter is not None:
+                self._durable_queued -= 1
         return ops
 
     def _render_copies(self, copies: list[_Copy]) -> list[_Rec]:

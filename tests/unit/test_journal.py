@@ -83,6 +83,27 @@ class CountingIO(DiskIO):
 # -- group commit -------------------------------------------------------------------------
 
 
+def test_fed_records_ride_on_the_next_durable_write(tmp_path: Path) -> None:
+    io = CountingIO()
+    journal = Journal.open(tmp_path, io=io)
+
+    async def go() -> None:
+        await journal.append_inserts([(jid(1), body(1))])
+        after_insert = io.fsyncs
+        journal.note_fed(jid(1), 41)
+        await asyncio.sleep(0)  # the writer starts, and lingers
+        await journal.append_inserts([(jid(2), body(2))])
+        assert io.fsyncs == after_insert + 1  # the FED record went with the insert
+        journal.note_fed(jid(2), 42)
+        await journal.flush()  # flush does not linger
+        assert io.fsyncs == after_insert + 2
+        await journal.close()
+
+    asyncio.run(go())
+    reopened = Journal.open(tmp_path)
+    assert [e.bid for e in reopened.jobs.values()] == [41, 42]
+
+
 def test_concurrent_inserts_share_fsyncs(tmp_path: Path) -> None:
     io = CountingIO()
     journal = Journal.open(tmp_path, io=io)
