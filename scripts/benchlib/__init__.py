@@ -1,0 +1,1 @@
+"""The kqs benchmark harness (scripts/bench). See docs/performance.md."""
