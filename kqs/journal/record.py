@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 MAGIC = b"\xa5K"
 HEADER = struct.Struct("<2sII")
@@ -37,13 +38,14 @@ class Kind(IntEnum):
     PURGE = 6  # id only
 
 
-_KINDS = frozenset(int(k) for k in Kind)
+_KIND_OF: dict[int, Kind] = {int(k): k for k in Kind}
 _ID_ONLY = frozenset({Kind.DONE, Kind.REVIVE, Kind.PURGE})
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One valid record found in a buffer: where it starts, its size, and what it says."""
+class Record(NamedTuple):
+    """One valid record found in a buffer: where it starts, its size, and what it says.
+
+    (A NamedTuple: replay makes one per record, and these are cheap to make.)"""
 
     offset: int
     size: int
@@ -147,34 +149,37 @@ def unpack_bid(data: bytes) -> int:
     return bid
 
 
-def decode_at(buf: bytes, offset: int) -> Record | None:
+def decode_at(buf: bytes, offset: int, view: memoryview | None = None) -> Record | None:
     """The record starting exactly at `offset` if it is complete and valid, else None.
 
     Valid means: magic, sane length, all bytes present, CRC match, a known kind, and a
-    payload of the shape that kind requires.
+    payload of the shape that kind requires. `view` (a memoryview of `buf`) saves
+    making one per call when scanning.
     """
-    view = memoryview(buf)
+    size = len(buf)
     end_of_header = offset + HEADER_SIZE
-    if end_of_header > len(view):
+    if end_of_header > size:
         return None
-    magic, length, crc = HEADER.unpack_from(view, offset)
+    magic, length, crc = HEADER.unpack_from(buf, offset)
     if magic != MAGIC or not 2 <= length <= MAX_LENGTH:
         return None
     end = end_of_header + length
-    if end > len(view):
+    if end > size:
         return None
-    body = view[end_of_header:end]
-    if zlib.crc32(body) != crc or body[0] not in _KINDS:
+    if view is None:
+        view = memoryview(buf)
+    if zlib.crc32(view[end_of_header:end]) != crc:
         return None
-    kind = Kind(body[0])
-    id_len = body[1]
-    if id_len == 0 or 2 + id_len > length:
+    kind = _KIND_OF.get(buf[end_of_header])
+    id_len = buf[end_of_header + 1]
+    if kind is None or id_len == 0 or 2 + id_len > length:
         return None
+    id_end = end_of_header + 2 + id_len
     try:
-        job_id = bytes(body[2 : 2 + id_len]).decode("ascii")
+        job_id = buf[end_of_header + 2 : id_end].decode("ascii")
     except UnicodeDecodeError:
         return None
-    data = bytes(body[2 + id_len :])
+    data = buf[id_end:end]
     if (kind is Kind.FED and len(data) != BID.size) or (kind in _ID_ONLY and data):
         return None
     return Record(offset, HEADER_SIZE + length, kind, job_id, data)
@@ -182,9 +187,10 @@ def decode_at(buf: bytes, offset: int) -> Record | None:
 
 def find_next(buf: bytes, start: int) -> int | None:
     """The first offset >= `start` where a complete valid record begins, or None."""
+    view = memoryview(buf)
     pos = buf.find(MAGIC, start)
     while pos != -1:
-        if decode_at(buf, pos) is not None:
+        if decode_at(buf, pos, view) is not None:
             return pos
         pos = buf.find(MAGIC, pos + 1)
     return None
@@ -198,8 +204,9 @@ def scan(buf: bytes) -> Iterator[Record | BadRange]:
     if none is, the bytes to the end are a torn tail (`torn=True`), the last item.
     """
     pos = 0
+    view = memoryview(buf)
     while pos < len(buf):
-        rec = decode_at(buf, pos)
+        rec = decode_at(buf, pos, view)
         if rec is not None:
             yield rec
             pos += rec.size
