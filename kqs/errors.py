@@ -76,6 +76,13 @@ class Unavailable(KqsError):
     code = "unavailable"
 
 
+class DiskFull(KqsError):
+    """The journal's disk is full: nothing of the request was written; finishing jobs
+    still works, and inserts resume by themselves once space is freed."""
+
+    code = "disk_full"
+
+
 class ShuttingDown(KqsError):
     code = "shutting_down"
 
@@ -108,6 +115,7 @@ BY_CODE: dict[str, type[KqsError]] = {
         Forbidden,
         NotFound,
         JournalFailed,
+        DiskFull,
         Unavailable,
         ShuttingDown,
         InternalError,

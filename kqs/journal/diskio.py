@@ -53,6 +53,11 @@ class DiskIO:
         """Create `path` and missing parents; an existing directory is fine."""
         os.makedirs(path, exist_ok=True)
 
+    def free_bytes(self, path: Path) -> int:
+        """Bytes an unprivileged writer may still use on the file system of `path`."""
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
+
     def fsync_dir(self, path: Path) -> None:
         """Make creations, renames and deletions inside directory `path` durable."""
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

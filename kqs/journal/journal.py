@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar, TypeVarTuple
 
-from kqs.errors import JournalFailed, ShuttingDown
+from kqs.errors import DiskFull, JournalFailed, ShuttingDown
 from kqs.journal import segment
 from kqs.journal.diskio import OS_IO, DiskIO
 from kqs.journal.record import (
@@ -41,6 +43,11 @@ MAX_BATCH_BYTES = 16 * 2**20
 """A batch stops taking queued appends once it holds this many bytes (at least one)."""
 ADVISORY_LINGER = 0.2
 """Seconds advisory records (FED) wait for a durable write to share its fsync with."""
+RESERVE_BYTES = 2**20
+"""Disk kept in `<dir>/reserve` and freed when the disk fills, so finishes still fit."""
+RESERVE_NAME = "reserve"
+SPACE_CHECK_SECONDS = 1.0
+"""While the disk is full, how often an insert may look whether space came back."""
 COMPACT_SLICE_BYTES = 2**20
 COMPACT_SLICE_JOBS = 1024
 _UNTIL_RESTART = "the server accepts no more writes until restarted"
@@ -95,6 +102,7 @@ class JournalStats:
     failed: bool
     retired_segments: int
     copied_forward: int
+    disk_full: bool = False
 
 
 def copy_cost(job_id: str, entry: JobEntry) -> int:
@@ -267,9 +275,55 @@ class _Copy:
     body: bytes
 
 
-def _commit_io(io: DiskIO, directory: Path, fd: int | None, number: int, buf: bytes) -> int:
-    """Worker: append `buf` to segment `number` (created first when `fd` is None) and
-    fsync it once. Returns the descriptor; JournalFailed names the step that failed."""
+def _make_reserve(io: DiskIO, directory: Path) -> bool:
+    """Write `<dir>/reserve` (RESERVE_BYTES, fsynced) unless it exists; False on ENOSPC."""
+    path = directory / RESERVE_NAME
+    if path.exists():
+        return True
+    tmp = directory / (RESERVE_NAME + ".tmp")
+    try:
+        fd = io.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            segment.append(io, fd, bytes(RESERVE_BYTES))
+            io.fsync(fd)
+        finally:
+            io.close(fd)
+        io.rename(tmp, path)
+        io.fsync_dir(directory)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            io.unlink(tmp)
+        if exc.errno in _NO_SPACE:
+            return False
+        raise
+    return True
+
+
+def _space_back(io: DiskIO, directory: Path) -> bool:
+    """Worker: True once there is room for the reserve and as much again, and the
+    reserve is made."""
+    if io.free_bytes(directory) < 4 * RESERVE_BYTES:
+        return False
+    return _make_reserve(io, directory)
+
+
+class _NoSpace(Exception):
+    """The disk is full; the batch left nothing behind (see `_commit_io`)."""
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _commit_io(
+    io: DiskIO, directory: Path, fd: int | None, number: int, offset: int, buf: bytes
+) -> int:
+    """Worker: append `buf` at `offset` of segment `number` (created first when `fd` is
+    None) and fsync it once. Returns the descriptor.
+
+    A full disk while creating or writing (ENOSPC, EDQUOT) undoes the batch (the new
+    segment is removed, or the file cut back to `offset`) and raises _NoSpace: nothing
+    is half-written and the journal goes on. Any other failure, and every fsync failure,
+    raises JournalFailed naming the step."""
     step = "segment create"
     created: int | None = None
     try:
@@ -280,6 +334,14 @@ def _commit_io(io: DiskIO, directory: Path, fd: int | None, number: int, buf: by
         step = "fsync"
         io.fsync(fd)
     except OSError as exc:
+        if step != "fsync" and exc.errno in _NO_SPACE:
+            with contextlib.suppress(OSError):
+                if created is not None:
+                    io.close(created)
+                    io.unlink(segment.path_of(directory, number))
+                elif fd is not None:
+                    io.ftruncate(fd, offset)
+            raise _NoSpace(str(exc)) from exc
         if created is not None:
             with contextlib.suppress(OSError):
                 io.close(created)
@@ -347,6 +409,8 @@ class Journal:
         self._closing = False
         self._closed = False
         self._closer: asyncio.Future[None] | None = None
+        self.disk_full = False
+        self._space_checked = float("-inf")
         self._queue: deque[_Op] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._durable_queued = 0  # queued ops that someone waits for
@@ -414,6 +478,8 @@ class Journal:
             _close_io(io, list(fds.values()))
             raise
         report = ReplayReport(len(numbers), records, len(ledger.jobs), torn, tuple(quarantined))
+        if not _make_reserve(io, directory):
+            log.warning("journal %s: no room for the %d-byte reserve", directory, RESERVE_BYTES)
         log.info(
             "journal %s: %d segments, %d records, %d unfinished jobs (%d dead)",
             directory,
@@ -445,6 +511,8 @@ class Journal:
         """
         self._check_writable()
         recs: list[_Rec] = []
+        if self.disk_full:
+            await self._check_space()
         seen: set[str] = set()
         for job_id, body in items:
             if job_id in self.jobs or job_id in seen:
@@ -536,6 +604,7 @@ class Journal:
             max_batch=self._max_batch,
             last_batch=self._last_batch,
             failed=self.failed,
+            disk_full=self.disk_full,
             retired_segments=self._retired,
             copied_forward=self._copied,
         )
@@ -629,6 +698,43 @@ class Journal:
         finally:
             self._writer = None
 
+    async def _out_of_space(self, reason: str, ops: list[_Op]) -> None:
+        """A batch found the disk full and was undone: refuse its waiters with DiskFull,
+        and free the reserve so that finishes (small records) can still be written."""
+        if not self.disk_full:
+            log.error(
+                "journal %s: disk full (%s): inserts are refused until space is freed;"
+                " finishing jobs goes on in the reserve",
+                self.directory,
+                reason,
+            )
+        self.disk_full = True
+        self._space_checked = asyncio.get_running_loop().time()
+        with contextlib.suppress(OSError):
+            await self._run(self._io.unlink, self.directory / RESERVE_NAME)
+        error = DiskFull(
+            "the server's disk is full: nothing of this request was written;"
+            " retry later or send to another server"
+        )
+        for op in ops:
+            if op.waiter is not None and not op.waiter.done():
+                op.waiter.set_exception(error)
+
+    async def _check_space(self) -> None:
+        """While the disk is full: at most every SPACE_CHECK_SECONDS, see whether space
+        came back (the reserve can be made again); DiskFull if not."""
+        now = asyncio.get_running_loop().time()
+        if now - self._space_checked >= SPACE_CHECK_SECONDS:
+            self._space_checked = now
+            if await self._run(_space_back, self._io, self.directory):
+                self.disk_full = False
+                log.warning("journal %s: disk space is back; inserts resume", self.directory)
+                return
+        raise DiskFull(
+            "the server's disk is full: inserts are refused until space is freed;"
+            " retry later or send to another server"
+        )
+
     def _wake_writer(self, *, urgent: bool = True) -> None:
         """End a linger: a durable op arrived, or (`urgent`) flush/close want it all now."""
         self._urgent = self._urgent or urgent
@@ -687,9 +793,12 @@ class Journal:
             fd = None if rotate else self._fds[number]
             buf = b"".join(r.raw for r in recs)
             try:
-                fd = await self._run(_commit_io, self._io, self.directory, fd, number, buf)
+                fd = await self._run(_commit_io, self._io, self.directory, fd, number, offset, buf)
             except JournalFailed as exc:
                 self._fail(exc.message, ops)
+                return
+            except _NoSpace as exc:
+                await self._out_of_space(str(exc), ops)
                 return
             if rotate:
                 self._fds[number] = fd

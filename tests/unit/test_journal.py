@@ -12,9 +12,9 @@ from typing import TypeVar
 
 import pytest
 
-from kqs.errors import JournalFailed, ShuttingDown
+from kqs.errors import DiskFull, JournalFailed, ShuttingDown
 from kqs.journal import DiskIO, JobEntry, Journal
-from kqs.journal.record import record_size
+from kqs.journal.journal import RESERVE_BYTES, SPACE_CHECK_SECONDS
 
 T = TypeVar("T")
 
@@ -159,7 +159,7 @@ def test_duplicate_ids_are_refused_before_anything_is_written(tmp_path: Path) ->
     ("what", "code", "words"),
     [
         ("fsync", errno.EIO, "journal fsync failed: [Errno 5]"),
-        ("write", errno.ENOSPC, "journal write failed: [Errno 28]"),
+        ("write", errno.EIO, "journal write failed: [Errno 5]"),
     ],
 )
 def test_failed_batch_fails_every_waiter_and_all_later_writes(
@@ -213,6 +213,7 @@ def test_waiters_queued_behind_a_failing_fsync_fail_too(tmp_path: Path) -> None:
             release.wait(10)
             raise OSError(errno.EIO, "injected")
 
+    asyncio.run(Journal.open(tmp_path).close())  # the reserve file exists: open does no fsync
     journal = Journal.open(tmp_path, io=BlockingIO())
 
     async def go() -> None:
@@ -232,22 +233,87 @@ def test_waiters_queued_behind_a_failing_fsync_fail_too(tmp_path: Path) -> None:
     run(go)
 
 
-def test_write_torn_by_a_full_disk_is_cut_at_reopen(tmp_path: Path) -> None:
+def test_a_full_disk_leaves_nothing_half_written(tmp_path: Path) -> None:
     io = CountingIO()
     journal = Journal.open(tmp_path, io=io)
+    segment = tmp_path / "00000001.seg"
 
     async def go() -> None:
         await journal.append_inserts([(jid(1), body(1))])
+        size = segment.stat().st_size
         io.fail_write, io.half_write = errno.ENOSPC, True
-        with pytest.raises(JournalFailed, match=r"Errno 28"):
+        with pytest.raises(DiskFull):
             await journal.append_inserts([(jid(2), body(2))])
+        assert segment.stat().st_size == size  # the half write was cut back at once
+        assert not journal.failed
+        assert journal.disk_full
         await journal.close()
 
     run(go)
     reopened = Journal.open(tmp_path)
     assert list(reopened.jobs) == [jid(1)]
-    assert reopened.report.torn_bytes == record_size(jid(2), len(body(2))) // 2
+    assert reopened.report.torn_bytes == 0
     asyncio.run(reopened.close())
+
+
+class FullDiskIO(CountingIO):
+    """A disk that is full until `space` is set: writes fail with ENOSPC, except into the
+    room the deleted reserve file gave back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = False
+        self.room = 0  # bytes freed by deleting the reserve while full
+        self.space = False
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        if self.full and not self.space:
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(data)
+        return super().write(fd, data)
+
+    def unlink(self, path: Path) -> None:
+        if self.full and path.name == "reserve":
+            self.room += path.stat().st_size
+        super().unlink(path)
+
+    def free_bytes(self, path: Path) -> int:
+        return 2**30 if self.space or not self.full else self.room
+
+
+def test_on_a_full_disk_finishes_go_on_and_inserts_resume_when_space_returns(
+    tmp_path: Path,
+) -> None:
+    io = FullDiskIO()
+    journal = Journal.open(tmp_path, io=io)
+    assert (tmp_path / "reserve").stat().st_size == RESERVE_BYTES
+
+    async def go() -> None:
+        await journal.append_inserts([(jid(i), body(i)) for i in range(3)])
+        io.full = True
+        with pytest.raises(DiskFull):
+            await journal.append_inserts([(jid(10), body(10))])
+        assert not (tmp_path / "reserve").exists()  # freed for the finishes
+        await journal.mark_done(jid(0))  # finishing still works
+        await journal.mark_dead(jid(1), b'{"error": "x"}')
+        with pytest.raises(DiskFull):  # refused up front, nothing tried
+            await journal.append_inserts([(jid(11), body(11))])
+        assert journal.stats().disk_full
+        io.space = True
+        for _ in range(100):  # inserts look for space at most every SPACE_CHECK_SECONDS
+            try:
+                await journal.append_inserts([(jid(12), body(12))])
+                break
+            except DiskFull:
+                await asyncio.sleep(SPACE_CHECK_SECONDS / 10)
+        assert not journal.disk_full
+        assert (tmp_path / "reserve").exists()  # made again
+        assert list(journal.jobs) == [jid(1), jid(2), jid(12)]
+        await journal.close()
+
+    run(go)
+    assert list(Journal.open(tmp_path).jobs) == [jid(1), jid(2), jid(12)]
 
 
 def test_calls_after_close_are_refused(tmp_path: Path) -> None:
