@@ -136,14 +136,21 @@ class PythonHandler:
         return Outcome.done()
 
 
+# A program gone before its input was written: the pipe is broken or reset, or (on
+# uvloop) its transport is already closed, which uvloop reports as RuntimeError.
+_STDIN_GONE = (BrokenPipeError, ConnectionResetError, RuntimeError)
+
+
 async def _write_stdin(stream: asyncio.StreamWriter | None, data: bytes) -> None:
     """Give the program its input; a program that exits without reading it is not an error."""
     if stream is None:
         return
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+    with contextlib.suppress(*_STDIN_GONE):
+        if stream.is_closing():
+            return
         stream.write(data)
         await stream.drain()
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+    with contextlib.suppress(*_STDIN_GONE):
         stream.close()
         await stream.wait_closed()
 
