@@ -97,7 +97,10 @@ class Service:
             raise ShuttingDown("the server is shutting down; send the insert to another server")
         now = self.clock.time()
         jobs = [Job(self.ids.next(), s.type, s.data, s.prio, s.delay, s.ttr, now) for s in specs]
-        bodies = [job.body() for job in jobs]
+        try:
+            bodies = [job.body() for job in jobs]
+        except TypeError as exc:  # orjson: nesting deeper than it encodes (254 levels)
+            raise InvalidParams(f"'data' cannot be stored: {exc}; flatten it") from None
         for i, body in enumerate(bodies):
             if len(body) > self.max_payload_bytes:
                 where = "" if len(bodies) == 1 else f"job {i}: "
@@ -118,18 +121,20 @@ class Service:
         With an array, each item gets its own result or error, in order."""
         if isinstance(params, dict):
             return await self._finish_one(params)
-        seen: set[Any] = set()
+        seen: set[str] = set()
         calls = []
         for item in params:
             job_id = item.get("id") if isinstance(item, dict) else None
-            duplicate = job_id in seen if isinstance(job_id, str) else False
-            seen.add(job_id)
+            duplicate = isinstance(job_id, str) and job_id in seen
+            if isinstance(job_id, str):
+                seen.add(job_id)
             calls.append(self._finish_one(item, duplicate=duplicate))
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
         results: list[dict[str, Any]] = []
         for item, out in zip(params, outcomes, strict=True):
             if isinstance(out, KqsError):
                 job_id = item.get("id") if isinstance(item, dict) else None
+                job_id = job_id if isinstance(job_id, str) else None
                 results.append({"id": job_id, "error": {"code": out.code, "message": out.message}})
             elif isinstance(out, BaseException):
                 raise out

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from kqs.errors import InvalidRequest, KqsError, LineTooLong, ParseError
+from kqs.errors import InvalidParams, InvalidRequest, KqsError, LineTooLong, ParseError
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +87,10 @@ def parse_request(line: bytes) -> Request | ErrorReply:
             ),
         )
     req_id = obj.get("id")
+    if req_id is not None and (
+        isinstance(req_id, bool) or not isinstance(req_id, str | int | float)
+    ):
+        return ErrorReply(None, InvalidRequest("'id' must be a string, a number or null"))
     method = obj.get("method")
     if not isinstance(method, str):
         return ErrorReply(req_id, InvalidRequest("'method' must be a string, e.g. \"insert\""))
@@ -106,7 +110,12 @@ def parse_request(line: bytes) -> Request | ErrorReply:
 
 
 def encode_result(req_id: Any, result: Any) -> bytes:
-    return orjson.dumps({"id": req_id, "result": result}) + b"\n"
+    """The reply line; a result orjson cannot encode (nested deeper than 254 levels)
+    becomes an `invalid_params` error saying so."""
+    try:
+        return orjson.dumps({"id": req_id, "result": result}) + b"\n"
+    except TypeError as exc:
+        return encode_error(req_id, InvalidParams(f"the reply cannot be encoded: {exc}"))
 
 
 def encode_error(req_id: Any, error: KqsError) -> bytes:

@@ -159,10 +159,7 @@ class Connection(asyncio.Protocol):
                 req.id, InternalError(f"{req.method} failed inside the server; see its log")
             )
         else:
-            try:
-                reply = encode_result(req.id, result)
-            except TypeError as exc:
-                reply = encode_error(req.id, InternalError(f"reply could not be encoded: {exc}"))
+            reply = encode_result(req.id, result)
         finally:
             self.inflight -= 1
             self.last_activity = self.server.clock.monotonic()
