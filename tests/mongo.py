@@ -3,6 +3,7 @@ free loopback port with its own dbpath, ready once it answers a ping."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import subprocess
 import uuid
@@ -11,7 +12,7 @@ from pathlib import Path
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
-from tests.support import free_port, port_open, wait_until
+from tests.support import free_port, kill_process, port_open, stop_process, wait_until
 
 
 def mongod_binary() -> Path:
@@ -90,16 +91,9 @@ class MongodProcess:
 
     def kill(self) -> None:
         """SIGKILL (a crash: only journaled writes survive) and reap."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill_process(self.proc)
 
     def stop(self) -> None:
         """SIGTERM (clean shutdown), SIGKILL after 20 s."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            stop_process(self.proc, 20)

@@ -28,6 +28,28 @@ def wait_until(predicate: Callable[[], bool], *, timeout: float = 10.0, what: st
         delay = min(delay * 2, 0.1)
 
 
+def kill_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL (a crash) and reap, if it still runs."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float) -> int:
+    """SIGTERM and wait up to `timeout` s; past that SIGKILL it and raise TimeoutExpired
+    (a server that does not stop on SIGTERM is a failure). Returns the exit status."""
+    if proc is None:
+        return 0
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            kill_process(proc)
+            raise
+    return proc.returncode
+
+
 def port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -63,18 +85,10 @@ class BeanstalkdProcess:
         wait_until(lambda: port_open(self.host, self.port), what=f"beanstalkd on {self.port}")
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill_process(self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 5)
 
 
 class KqsProcess:
@@ -126,19 +140,8 @@ class KqsProcess:
         return self.log_path.read_text(errors="replace")[-n:]
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill_process(self.proc)
 
     def stop(self, timeout: float = 20) -> int:
         """SIGTERM and wait; return the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)

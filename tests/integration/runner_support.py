@@ -11,7 +11,7 @@ from typing import Any
 
 from kqs.client import Client
 from tests.integration.runner_handlers import OUT_ENV
-from tests.support import KqsProcess, wait_until
+from tests.support import KqsProcess, kill_process, stop_process, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HANDLERS = "tests.integration.runner_handlers"
@@ -72,9 +72,7 @@ class RunnerProcess:
         self.proc.send_signal(sig)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill_process(self.proc)
 
     def wait(self, timeout: float = 30) -> int:
         """Wait for the process to exit; return its status."""
@@ -83,17 +81,7 @@ class RunnerProcess:
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM and wait; return the exit status."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
     def __enter__(self) -> RunnerProcess:
         return self.start()
