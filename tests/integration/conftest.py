@@ -19,3 +19,14 @@ def kqs(tmp_path: Path, beanstalkd: BeanstalkdProcess) -> Iterator[KqsProcess]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+def server(tmp_path: Path, beanstalkd: BeanstalkdProcess) -> Iterator[KqsProcess]:
+    """A `kqs serve` process using the `beanstalkd` fixture, with default limits."""
+    kqs = KqsProcess(tmp_path / "data", beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}")
+    kqs.start()
+    try:
+        yield kqs
+    finally:
+        kqs.kill()

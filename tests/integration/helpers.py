@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import greenstalk
@@ -48,3 +50,10 @@ def wait_fed(port: int, timeout: float = 20) -> None:
         return bool(s["pending"] == 0 and s["beanstalkd"]["reachable"] and not s["verifying"])
 
     wait_until(done, timeout=timeout, what="feeder idle")
+
+
+def kqs_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the `kqs` command (this checkout's) and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "kqs", *args], capture_output=True, text=True, timeout=30
+    )

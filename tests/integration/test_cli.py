@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 
+from tests.integration.helpers import kqs_cli
 from tests.support import BeanstalkdProcess, KqsProcess
-
-
-def kqs_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kqs", *args], capture_output=True, text=True, timeout=30
-    )
 
 
 def test_insert_and_stats(kqs: KqsProcess) -> None:

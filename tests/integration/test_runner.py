@@ -7,11 +7,9 @@ what they did to files, which the tests read.
 from __future__ import annotations
 
 import base64
-import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import orjson
 import pytest
 
 from kqs.client import RemoteError
+from tests.integration.helpers import kqs_cli
 from tests.integration.runner_handlers import read_records
 from tests.integration.runner_support import (
     HANDLERS,
@@ -29,23 +28,6 @@ from tests.integration.runner_support import (
     wait_watching,
 )
 from tests.support import BeanstalkdProcess, KqsProcess, wait_until
-
-
-@pytest.fixture
-def server(tmp_path: Path, beanstalkd: BeanstalkdProcess) -> Iterator[KqsProcess]:
-    """A `kqs serve` using the `beanstalkd` fixture (default limits)."""
-    kqs = KqsProcess(tmp_path / "data", beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}")
-    kqs.start()
-    try:
-        yield kqs
-    finally:
-        kqs.kill()
-
-
-def kqs_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kqs", *args], capture_output=True, text=True, timeout=30
-    )
 
 
 def insert(server: KqsProcess, type_: str, data: object = None, **fields: object) -> str:

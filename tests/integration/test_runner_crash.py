@@ -7,10 +7,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from kqs.client import Client, RemoteError
 from tests.integration.runner_handlers import Record, read_records
@@ -32,16 +29,6 @@ concurrency = 8
 handler = "{HANDLERS}:slow_sync"
 concurrency = 8
 """
-
-
-@pytest.fixture
-def server(tmp_path: Path, beanstalkd: BeanstalkdProcess) -> Iterator[KqsProcess]:
-    kqs = KqsProcess(tmp_path / "data", beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}")
-    kqs.start()
-    try:
-        yield kqs
-    finally:
-        kqs.kill()
 
 
 def insert(server: KqsProcess, type_: str, data: object = None, **fields: object) -> str:
