@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import re
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -55,6 +56,8 @@ MAX_LINE: Final = 1024
 MAX_BODY: Final = 2**30
 DEFAULT_OP_TIMEOUT: Final = 10.0
 
+
+log = logging.getLogger("kqs.beanstalk")
 
 # --- values ------------------------------------------------------------------------------
 
@@ -348,7 +351,16 @@ class ReplyParser:
                 if len(buf) < end + 2:
                     break
                 if buf[end : end + 2] != b"\r\n":
-                    raise MalformedReply(f"{status} body of {size} bytes is not followed by CRLF")
+                    # beanstalkd always sends the stored body plus 2 bytes that should be
+                    # CRLF; a job restored from a damaged binlog can end otherwise. The
+                    # stream is still in step, so the reply is kept (its body may fail to
+                    # parse) instead of breaking every connection that meets that job.
+                    log.warning(
+                        "beanstalkd %s body of %d bytes ends with %r, not CRLF (damaged job)",
+                        status,
+                        size,
+                        bytes(buf[end : end + 2]),
+                    )
                 replies.append(Reply(status, args, bytes(buf[pos:end])))
                 pos = end + 2
                 self._head = None
