@@ -114,6 +114,13 @@ def carries(body: bytes, job_id: str) -> bool:
     return body.startswith(b'{"id":"' + job_id.encode() + b'"')
 
 
+def zeroed(body: bytes) -> bool:
+    """True for a body of NUL bytes only: what beanstalkd restores from a binlog record
+    whose header reached the file and whose body did not (it was killed in between).
+    Such a job is nobody's job, so verification deletes it."""
+    return not body.strip(b"\0")
+
+
 class Feeder:
     def __init__(
         self,
@@ -422,17 +429,22 @@ class Feeder:
         """Peek every job believed fed; queue again those beanstalkd no longer carries."""
         jobs = self._journal.jobs
         fed = [(j, e.bid) for j, e in jobs.items() if e.bid and e.dead is None]
-        lost = 0
+        lost, garbage = 0, []
         for start in range(0, len(fed), self._batch):
             chunk = fed[start : start + self._batch]
             bodies = await client.peek_batch([bid for _, bid in chunk])
-            for (job_id, _), body in zip(chunk, bodies, strict=True):
+            for (job_id, bid), body in zip(chunk, bodies, strict=True):
                 if body is None or not carries(body, job_id):
                     self._queue.append(job_id)
                     lost += 1
+                    if body is not None and zeroed(body):
+                        garbage.append(bid)
         self.stats.verified += len(fed)
         self.stats.refed += lost
         self._verify = False
         if lost:
             log.warning("beanstalkd had lost %d of %d fed jobs; feeding them again", lost, len(fed))
             self._wake.set()
+        if garbage:
+            log.warning("deleting %d beanstalkd jobs whose bodies are zeroed", len(garbage))
+            self.discard(garbage)

@@ -10,6 +10,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import greenstalk
+import orjson
 import pytest
 
 from kqs.client import Client, RemoteError
@@ -133,6 +135,42 @@ def test_beanstalkd_killed_and_binlog_deleted_jobs_are_fed_again(tmp_path: Path)
         assert all(present[i]["delay"] > 3500 for i in ids)  # the due time is kept
     finally:
         server.kill()
+
+
+def test_a_job_restored_with_a_zeroed_body_is_deleted_and_fed_again(tmp_path: Path) -> None:
+    """beanstalkd killed between writing a binlog record's header and its body restores
+    the job with a body of NULs: kqs feeds the real job again and deletes the husk."""
+    beanstalkd = BeanstalkdProcess(binlog_dir=tmp_path / "binlog")
+    beanstalkd.start()
+    server = KqsProcess(tmp_path / "data", beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}")
+    try:
+        server.start()
+        with Client("127.0.0.1", server.port) as c:
+            ids = c.call("insert", [{"type": "t", "delay": 3600, "data": i} for i in range(3)])
+        wait_fed(server.port)
+        before = beanstalk_contents(beanstalkd.host, beanstalkd.port)
+        assert server.stop() == 0  # its beanstalkd ids are in the journal
+        beanstalkd.kill()
+        (binlog,) = (tmp_path / "binlog").glob("binlog.*")
+        content = binlog.read_bytes()
+        body = orjson.dumps({"id": ids["ids"][1]})[:-1]  # the record's first bytes
+        at = content.index(body)
+        end = content.index(b"\r\n", at) + 2
+        binlog.write_bytes(content[:at] + bytes(end - at) + content[end:])
+        beanstalkd.start()
+        husk = before[ids["ids"][1]]["bid"]
+        with greenstalk.Client((beanstalkd.host, beanstalkd.port)) as bs:
+            assert bs.stats()["current-jobs-delayed"] == 3  # the husk is there
+        server.start()
+        wait_fed(server.port)
+        present = beanstalk_contents(beanstalkd.host, beanstalkd.port)
+        assert set(ids["ids"]) == set(present)
+        assert husk not in {p["bid"] for p in present.values()}
+        with greenstalk.Client((beanstalkd.host, beanstalkd.port)) as bs:
+            assert bs.stats()["current-jobs-delayed"] == 3  # the husk is gone
+    finally:
+        server.kill()
+        beanstalkd.stop()
 
 
 def test_finished_jobs_free_their_segments(tmp_path: Path, beanstalkd: BeanstalkdProcess) -> None:
