@@ -35,6 +35,15 @@ NODE_RE = re.compile(r"[A-Za-z0-9_.]{1,32}")
 JOB_FIELDS = frozenset({"type", "data", "prio", "delay", "ttr"})
 
 
+def dumps_kept(value: Any) -> bytes:
+    """`orjson.dumps` for bytes that stay in memory for a while (a body waiting to be
+    fed, a dead job's info). orjson returns its output in a buffer of at least 4 KiB
+    and never shrinks it, so 100,000 jobs waiting to be fed held 400 MB, and the freed
+    buffers left the heap too fragmented to give back; a two-item join copies the
+    output into an object of its own size (~0.1 us)."""
+    return b"".join((orjson.dumps(value), b""))
+
+
 class JobSpec(NamedTuple):
     """A validated job as a client asked for it, before it has an id."""
 
@@ -60,7 +69,7 @@ class Job(NamedTuple):
     ts: float
 
     def body(self) -> bytes:
-        return orjson.dumps(
+        return dumps_kept(
             {
                 "id": self.id,
                 "type": self.type,

@@ -28,7 +28,7 @@ from kqs.errors import (
 )
 from kqs.feeder import Feeder, FeedItem
 from kqs.journal import Journal
-from kqs.model import TUBE_RE, IdGenerator, Job, JobSpec, parse_job
+from kqs.model import TUBE_RE, IdGenerator, Job, JobSpec, dumps_kept, parse_job
 from kqs.store import StoreUnavailable
 
 OUTCOMES = ("done", "dead")
@@ -167,7 +167,7 @@ class Service:
             if entry.dead is not None:
                 raise NotFound(f"job {job_id} is already dead")
             info = {"error": error, "at": self.clock.time(), "attempts": attempts}
-            await self.journal.mark_dead(job_id, orjson.dumps(info))
+            await self.journal.mark_dead(job_id, dumps_kept(info))
         self.finished[outcome] += 1
         if type_ is not None:
             self.finished_by_type.setdefault(type_, Counter())[outcome] += 1

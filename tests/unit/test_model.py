@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -90,6 +91,18 @@ def test_body_round_trip_and_remaining_delay() -> None:
     assert job.remaining_delay(100.0) == 10
     assert job.remaining_delay(104.5) == 6
     assert job.remaining_delay(200.0) == 0
+
+
+def test_a_body_occupies_about_its_own_size() -> None:
+    """Bodies wait in memory until fed; orjson's own output buffer is 4 KiB or more."""
+    job = Job("n-1", "t", {"x": "y" * 80}, 9000, 10, 30, 100.0)
+    tracemalloc.start()
+    try:
+        bodies = [job.body() for _ in range(100)]
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 100 * (len(bodies[0]) + 200)
 
 
 @pytest.mark.parametrize("bad", [["list"], {"d": 1}, None, 3.5])
