@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 from collections import deque
@@ -28,7 +29,7 @@ from kqs.journal.record import (
     BID,
     HEADER_SIZE,
     Kind,
-    data_start,
+    Record,
     encode,
     pack_bid,
     unpack_bid,
@@ -147,13 +148,27 @@ class Ledger:
         seg = self.segments[number]
         entry = self.jobs.get(job_id)
         if kind is Kind.INSERT:
-            self._insert(seg, job_id, entry, offset + data_start(job_id), len(data))
+            head = HEADER_SIZE + 2 + len(job_id)
+            if entry is None:  # a new job, most records of all: `_insert` spelled out
+                self.jobs[job_id] = JobEntry(number, offset + head, len(data), 0, None)
+                seg.homes[job_id] = None
+                seg.live += head + len(data)
+                return
+            self._insert(seg, job_id, entry, offset + head, len(data))
             return
         if entry is None:
             return
         home = self.segments[entry.segment]
         if home is not seg:
             seg.refs.add(home.number)
+        if kind is Kind.FED:  # the other half of all records: `_recost` spelled out
+            bid = unpack_bid(data)
+            if bool(bid) != bool(entry.bid):
+                fed_cost = HEADER_SIZE + 2 + len(job_id) + BID.size
+                home.live += fed_cost if bid else -fed_cost
+                self.dirty = self.dirty or not bid
+            entry.bid = bid
+            return
         before = copy_cost(job_id, entry)
         if kind is Kind.DONE or kind is Kind.PURGE:
             del self.jobs[job_id]
@@ -163,9 +178,7 @@ class Ledger:
                 self.dead -= 1
             self.dirty = True
             return
-        if kind is Kind.FED:
-            entry.bid = unpack_bid(data)
-        elif kind is Kind.DEAD:
+        if kind is Kind.DEAD:
             if entry.dead is None:
                 self.dead += 1
             entry.dead = data
@@ -175,6 +188,15 @@ class Ledger:
             entry.dead = None
             entry.bid = 0
         self._recost(home, job_id, entry, before)
+
+    def replayer(self, number: int) -> Callable[[Record], None]:
+        """`apply` for the records of segment `number`, one at a time, as replay finds them."""
+        apply = self.apply
+
+        def replay(rec: Record) -> None:
+            apply(rec.kind, rec.job_id, rec.data, number, rec.offset)
+
+        return replay
 
     def _insert(
         self, seg: SegmentState, job_id: str, entry: JobEntry | None, offset: int, length: int
@@ -452,13 +474,20 @@ class Journal:
         fds: dict[int, int] = {}
         records = torn = 0
         quarantined: list[Quarantined] = []
-        try:
+        collecting = gc.isenabled()
+        gc.disable()  # replay makes a few long-lived, acyclic objects per job: the cyclic
+        try:  # collector would walk them over and over (a quarter of replay time)
             for i, number in enumerate(numbers):
-                loaded = segment.load(io, directory, number, last=i == len(numbers) - 1)
-                ledger.add_segment(number, loaded.size)
-                for rec in loaded.records:
-                    ledger.apply(rec.kind, rec.job_id, rec.data, number, rec.offset)
-                records += len(loaded.records)
+                ledger.add_segment(number)
+                loaded = segment.load(
+                    io,
+                    directory,
+                    number,
+                    last=i == len(numbers) - 1,
+                    apply=ledger.replayer(number),
+                )
+                ledger.segments[number].size = loaded.size
+                records += loaded.records
                 torn += loaded.torn_bytes
                 quarantined.extend(loaded.quarantined)
             if numbers:
@@ -477,6 +506,9 @@ class Journal:
         except BaseException:
             _close_io(io, list(fds.values()))
             raise
+        finally:
+            if collecting:
+                gc.enable()
         report = ReplayReport(len(numbers), records, len(ledger.jobs), torn, tuple(quarantined))
         if not _make_reserve(io, directory):
             log.warning("journal %s: no room for the %d-byte reserve", directory, RESERVE_BYTES)

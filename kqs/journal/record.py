@@ -154,27 +154,26 @@ def decode_at(buf: bytes, offset: int, view: memoryview | None = None) -> Record
 
     Valid means: magic, sane length, all bytes present, CRC match, a known kind, and a
     payload of the shape that kind requires. `view` (a memoryview of `buf`) saves
-    making one per call when scanning.
+    making one per call when scanning. (Replay runs this once per record: it is
+    written for speed, e.g. the Record is made without NamedTuple's Python __new__.)
     """
-    size = len(buf)
     end_of_header = offset + HEADER_SIZE
-    if end_of_header > size:
+    if end_of_header > len(buf):
         return None
-    magic, length, crc = HEADER.unpack_from(buf, offset)
+    magic, length, crc = _unpack_header(buf, offset)
     if magic != MAGIC or not 2 <= length <= MAX_LENGTH:
         return None
     end = end_of_header + length
-    if end > size:
+    if end > len(buf):
         return None
     if view is None:
         view = memoryview(buf)
-    if zlib.crc32(view[end_of_header:end]) != crc:
+    if _crc32(view[end_of_header:end]) != crc:
         return None
     kind = _KIND_OF.get(buf[end_of_header])
-    id_len = buf[end_of_header + 1]
-    if kind is None or id_len == 0 or 2 + id_len > length:
+    id_end = end_of_header + 2 + buf[end_of_header + 1]
+    if kind is None or id_end == end_of_header + 2 or id_end > end:
         return None
-    id_end = end_of_header + 2 + id_len
     try:
         job_id = buf[end_of_header + 2 : id_end].decode("ascii")
     except UnicodeDecodeError:
@@ -182,7 +181,12 @@ def decode_at(buf: bytes, offset: int, view: memoryview | None = None) -> Record
     data = buf[id_end:end]
     if (kind is Kind.FED and len(data) != BID.size) or (kind in _ID_ONLY and data):
         return None
-    return Record(offset, HEADER_SIZE + length, kind, job_id, data)
+    return _new_record(Record, (offset, HEADER_SIZE + length, kind, job_id, data))
+
+
+_unpack_header = HEADER.unpack_from
+_crc32 = zlib.crc32
+_new_record = tuple.__new__
 
 
 def find_next(buf: bytes, start: int) -> int | None:

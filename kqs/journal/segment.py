@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -38,11 +39,11 @@ class Quarantined(NamedTuple):
 
 @dataclass(slots=True)
 class Loaded:
-    """A segment after replay repair: its valid records (offsets in the repaired file)."""
+    """A segment after replay repair: its size and what was found in it."""
 
     number: int
     size: int
-    records: list[Record]
+    records: int  # valid records, each handed to `load`'s `apply`
     torn_bytes: int = 0
     quarantined: list[Quarantined] = field(default_factory=list)
 
@@ -187,24 +188,31 @@ def _without(buf: bytes, bad: list[BadRange], end: int) -> bytes:
     return b"".join(parts)
 
 
-def load(io: DiskIO, directory: Path, number: int, *, last: bool) -> Loaded:
-    """Read segment `number`, repair it on disk, and return its valid records.
+def load(
+    io: DiskIO, directory: Path, number: int, *, last: bool, apply: Callable[[Record], None]
+) -> Loaded:
+    """Read segment `number`, hand every valid record to `apply` in order, and repair
+    the file on disk.
 
     A torn tail of the last segment is cut off (ftruncate + fsync, a warning). Every
     other bad range (corrupt ranges anywhere, a bad tail of a non-last segment) is
     copied to the quarantine directory and the segment is rewritten without it
-    (temp file, fsync, rename, directory fsync, an error log). The returned offsets
-    are those of the repaired file.
+    (temp file, fsync, rename, directory fsync, an error log). The offsets `apply`
+    sees are those of the repaired file: a record's own, less the bad bytes before it.
+    Records are applied as they are found, so replay holds one segment's bytes and
+    nothing per record.
     """
     path = path_of(directory, number)
     buf = _read_all(io, path)
-    records: list[Record] = []
     bad: list[BadRange] = []
+    records = cut = 0
     for item in scan(buf):
         if isinstance(item, Record):
-            records.append(item)
+            apply(item._replace(offset=item.offset - cut) if cut else item)
+            records += 1
         else:
             bad.append(item)
+            cut += item.length
     torn = bad.pop() if bad and bad[-1].torn and last else None
     keep_end = torn.start if torn is not None else len(buf)
     loaded = Loaded(number, keep_end, records)
@@ -224,7 +232,6 @@ def load(io: DiskIO, directory: Path, number: int, *, last: bool) -> Loaded:
                 q.offset,
                 q.path,
             )
-        loaded.records = [r for r in scan(repaired) if isinstance(r, Record)]
         loaded.size = len(repaired)
     elif torn is not None:
         _truncate(io, path, keep_end)
