@@ -5,12 +5,14 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
 import greenstalk
 import orjson
 
-from kqs.client import Client
+from kqs.client import Client, RemoteError
 from tests.support import wait_until
 
 
@@ -81,3 +83,64 @@ def kqs_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "kqs", *args], capture_output=True, text=True, timeout=30
     )
+
+
+Params = dict[str, Any] | list[dict[str, Any]]
+
+
+class Inserters:
+    """Client threads inserting until `total` jobs are acknowledged (or for ever), each
+    stopping at its first error: a killed or draining server ends them this way.
+
+    Thread n of `threads` talks to `ports[n % len(ports)]`; its i-th call inserts
+    `jobs(n, i)` (one job object, or a list sent as one array). Every acknowledged id
+    is in `acked`, every error in `errors`.
+    """
+
+    def __init__(
+        self,
+        ports: Sequence[int],
+        jobs: Callable[[int, int], Params],
+        *,
+        threads: int,
+        total: int | None = None,
+        timeout: float = 30,
+    ) -> None:
+        self.ports = ports
+        self.jobs = jobs
+        self.total = total
+        self.timeout = timeout
+        self.acked: list[str] = []
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.loop, args=(n,)) for n in range(threads)]
+
+    def loop(self, n: int) -> None:
+        try:
+            with Client("127.0.0.1", self.ports[n % len(self.ports)], timeout=self.timeout) as c:
+                i = 0
+                while self.total is None or self.count() < self.total:
+                    i += 1
+                    ids = c.call("insert", self.jobs(n, i))["ids"]
+                    with self.lock:
+                        self.acked.extend(ids)
+        except (OSError, RemoteError) as exc:
+            with self.lock:
+                self.errors.append(repr(exc))
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.acked)
+
+    def reached(self, count: int) -> Callable[[], bool]:
+        """For wait_until: True once `count` jobs are acknowledged."""
+        return lambda: self.count() >= count
+
+    def __enter__(self) -> Inserters:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for t in self.threads:
+            t.join(60)

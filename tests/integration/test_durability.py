@@ -6,63 +6,37 @@ import os
 import random
 import shutil
 import signal
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import greenstalk
 import orjson
 import pytest
 
-from kqs.client import Client, RemoteError
-from tests.integration.helpers import beanstalk_contents, beanstalkd_address, kqs_stats, wait_fed
+from kqs.client import Client
+from tests.integration.helpers import (
+    Inserters,
+    Params,
+    beanstalk_contents,
+    beanstalkd_address,
+    kqs_stats,
+    wait_fed,
+)
 from tests.support import BeanstalkdProcess, KqsProcess, wait_until
 
 CLIENTS = 16
 ROUNDS = 3
 
 
-class Inserters:
-    """CLIENTS threads inserting (singles and small arrays) until their connection dies."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.acked: list[str] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.loop, args=(n,)) for n in range(CLIENTS)]
-
-    def loop(self, n: int) -> None:
-        try:
-            with Client("127.0.0.1", self.port, timeout=10) as c:
-                i = 0
-                while True:
-                    i += 1
-                    if i % 5 == 0:
-                        jobs = [{"type": f"t{n % 3}", "data": [n, i, k]} for k in range(10)]
-                        ids = c.call("insert", jobs)["ids"]
-                    else:
-                        ids = [c.insert(f"t{n % 3}", [n, i], delay=i % 2 * 600)]
-                    with self.lock:
-                        self.acked.extend(ids)
-        except (OSError, RemoteError):
-            return  # the server was killed or is draining: what was acked so far counts
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.acked)
-
-    def __enter__(self) -> Inserters:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for t in self.threads:
-            t.join(30)
+def mixed_jobs(n: int, i: int) -> Params:
+    """Singles (half of them delayed) and every fifth call an array of 10."""
+    if i % 5 == 0:
+        return [{"type": f"t{n % 3}", "data": [n, i, k]} for k in range(10)]
+    return {"type": f"t{n % 3}", "data": [n, i], "delay": i % 2 * 600}
 
 
-def reached(ins: Inserters, count: int) -> Callable[[], bool]:
-    return lambda: ins.count() >= count
+def inserters(port: int) -> Inserters:
+    """CLIENTS threads inserting until their connection dies."""
+    return Inserters([port], mixed_jobs, threads=CLIENTS, timeout=10)
 
 
 def check_all_present(server: KqsProcess, acked: list[str]) -> None:
@@ -91,8 +65,8 @@ def test_kill_9_during_concurrent_inserts_loses_no_acknowledged_job(
         server.start()
         for _ in range(ROUNDS):
             target = len(acked) + rng.randint(200, 3000)
-            with Inserters(server.port) as ins:
-                wait_until(reached(ins, target - len(acked)), timeout=60, what="inserts")
+            with inserters(server.port) as ins:
+                wait_until(ins.reached(target - len(acked)), timeout=60, what="inserts")
                 server.kill()
             acked += ins.acked
             server.start()
@@ -201,8 +175,8 @@ def test_sigterm_drains_and_exits_zero_keeping_every_job(
 ) -> None:
     server = KqsProcess(tmp_path / "data", beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}")
     server.start()
-    with Inserters(server.port) as ins:
-        wait_until(lambda: ins.count() >= 500, timeout=60, what="inserts")
+    with inserters(server.port) as ins:
+        wait_until(ins.reached(500), timeout=60, what="inserts")
         assert server.stop() == 0
     server.start()
     try:

@@ -4,12 +4,11 @@ Jepsen-style check that every acknowledged job runs (real processes throughout).
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-from kqs.client import Client, RemoteError
+from tests.integration.helpers import Inserters, Params
 from tests.integration.runner_handlers import Record, read_records
 from tests.integration.runner_support import (
     HANDLERS,
@@ -139,48 +138,11 @@ def test_second_sigint_stops_at_once(tmp_path: Path, server: KqsProcess) -> None
         runner.kill()
 
 
-class Inserters:
-    """Client threads inserting jobs until told to stop or `total` is reached."""
-
-    def __init__(self, servers: list[KqsProcess], threads: int, total: int) -> None:
-        self.servers = servers
-        self.total = total
-        self.acked: list[str] = []
-        self.errors: list[str] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.loop, args=(n,)) for n in range(threads)]
-
-    def loop(self, n: int) -> None:
-        server = self.servers[n % len(self.servers)]
-        with Client("127.0.0.1", server.port, timeout=30) as client:
-            i = 0
-            while self.count() < self.total:
-                i += 1
-                try:
-                    if i % 4 == 0:
-                        jobs = [{"type": "ok", "data": [n, i, k], "ttr": 2} for k in range(20)]
-                        ids = client.call("insert", jobs)["ids"]
-                    else:
-                        ids = [client.insert("ok", [n, i], ttr=2)]
-                except (OSError, RemoteError) as exc:
-                    with self.lock:
-                        self.errors.append(repr(exc))
-                    return
-                with self.lock:
-                    self.acked.extend(ids)
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.acked)
-
-    def __enter__(self) -> Inserters:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for t in self.threads:
-            t.join(60)
+def ok_jobs(n: int, i: int) -> Params:
+    """Singles, and every fourth call an array of 20."""
+    if i % 4 == 0:
+        return [{"type": "ok", "data": [n, i, k], "ttr": 2} for k in range(20)]
+    return {"type": "ok", "data": [n, i], "ttr": 2}
 
 
 def test_every_acknowledged_job_runs_at_least_once(tmp_path: Path) -> None:
@@ -206,7 +168,8 @@ concurrency = 50
         for s in servers:
             wait_watching(s, "ok", runners=2)
         total = 6000
-        with Inserters(servers, threads=8, total=total) as inserters:
+        ports = [s.port for s in servers]
+        with Inserters(ports, ok_jobs, threads=8, total=total) as inserters:
             wait_until(lambda: len(read_records(out, "ok")) > 1000, timeout=60, what="progress")
             runners[0].kill()
             runners.append(RunnerProcess(tmp_path, jobs, servers, out, name="r2").start())
