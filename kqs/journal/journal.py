@@ -28,11 +28,14 @@ from kqs.journal.diskio import OS_IO, DiskIO
 from kqs.journal.record import (
     BID,
     HEADER_SIZE,
+    MANY_ID,
     Kind,
     Record,
     encode,
     pack_bid,
+    pack_fed_many,
     unpack_bid,
+    unpack_fed_many,
 )
 from kqs.journal.segment import Quarantined
 
@@ -156,19 +159,18 @@ class Ledger:
                 return
             self._insert(seg, job_id, entry, offset + head, len(data))
             return
+        if kind is Kind.FED_MANY:
+            for fed_id, bid in unpack_fed_many(data):
+                self._fed(seg, fed_id, bid)
+            return
+        if kind is Kind.FED:
+            self._fed(seg, job_id, unpack_bid(data))
+            return
         if entry is None:
             return
         home = self.segments[entry.segment]
         if home is not seg:
             seg.refs.add(home.number)
-        if kind is Kind.FED:  # the other half of all records: `_recost` spelled out
-            bid = unpack_bid(data)
-            if bool(bid) != bool(entry.bid):
-                fed_cost = HEADER_SIZE + 2 + len(job_id) + BID.size
-                home.live += fed_cost if bid else -fed_cost
-                self.dirty = self.dirty or not bid
-            entry.bid = bid
-            return
         before = copy_cost(job_id, entry)
         if kind is Kind.DONE or kind is Kind.PURGE:
             del self.jobs[job_id]
@@ -188,6 +190,21 @@ class Ledger:
             entry.dead = None
             entry.bid = 0
         self._recost(home, job_id, entry, before)
+
+    def _fed(self, seg: SegmentState, job_id: str, bid: int) -> None:
+        """FED about `job_id`, found in `seg` (`_recost` spelled out: one job in two
+        has a FED entry, so this runs once per job at replay)."""
+        entry = self.jobs.get(job_id)
+        if entry is None:
+            return
+        home = self.segments[entry.segment]
+        if home is not seg:
+            seg.refs.add(home.number)
+        if bool(bid) != bool(entry.bid):
+            fed_cost = HEADER_SIZE + 2 + len(job_id) + BID.size
+            home.live += fed_cost if bid else -fed_cost
+            self.dirty = self.dirty or not bid
+        entry.bid = bid
 
     def replayer(self, number: int) -> Callable[[Record], None]:
         """`apply` for the records of segment `number`, one at a time, as replay finds them."""
@@ -562,18 +579,19 @@ class Journal:
         written even if no other append comes. Unknown ids are ignored; so is the
         record (not the bid) once the journal has failed or is closing.
         """
-        self.note_fed_many([(job_id, bid)])
+        if self._ledger.set_bid(job_id, bid):
+            self._advise(_Rec.of(Kind.FED, job_id, pack_bid(bid)))
 
     def note_fed_many(self, fed: Sequence[tuple[str, int]]) -> None:
-        """`note_fed` for many jobs at once (one queued operation for all)."""
-        recs = []
-        writable = not (self.failed or self._closing)
-        for job_id, bid in fed:
-            if self._ledger.set_bid(job_id, bid) and writable:
-                data = pack_bid(bid)
-                recs.append(_Rec(Kind.FED, job_id, data, encode(Kind.FED, job_id, data)))
-        if recs:
-            self._queue.append(_Op(recs, None, sum(len(r.raw) for r in recs)))
+        """`note_fed` for many jobs at once, in one FED_MANY record."""
+        known = [(job_id, bid) for job_id, bid in fed if self._ledger.set_bid(job_id, bid)]
+        if known:
+            self._advise(_Rec.of(Kind.FED_MANY, MANY_ID, pack_fed_many(known)))
+
+    def _advise(self, rec: _Rec) -> None:
+        """Queue an advisory record (nobody waits for it) unless nothing may be written."""
+        if not (self.failed or self._closing):
+            self._queue.append(_Op([rec], None, len(rec.raw)))
             self._ensure_writer()
 
     async def mark_done(self, job_id: str) -> None:

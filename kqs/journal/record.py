@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
@@ -36,7 +36,11 @@ class Kind(IntEnum):
     DEAD = 4  # id, then info bytes (opaque JSON)
     REVIVE = 5  # id only
     PURGE = 6  # id only
+    FED_MANY = 7  # id "*", then per job: u8 id length, id, u64 beanstalkd id
 
+
+MANY_ID = "*"
+"""The id field of a record about many jobs (never a job id: see kqs.model.NODE_RE)."""
 
 _KIND_OF: dict[int, Kind] = {int(k): k for k in Kind}
 _ID_ONLY = frozenset({Kind.DONE, Kind.REVIVE, Kind.PURGE})
@@ -149,6 +153,45 @@ def unpack_bid(data: bytes) -> int:
     return bid
 
 
+def encode_fed_many(fed: Sequence[tuple[str, int]]) -> bytes:
+    """FED_MANY: FED for every (job id, bid) of `fed` in one record (at least one)."""
+    if not fed:
+        raise ValueError("a FED_MANY record needs at least one job")
+    return encode(Kind.FED_MANY, MANY_ID, pack_fed_many(fed))
+
+
+def pack_fed_many(fed: Sequence[tuple[str, int]]) -> bytes:
+    """The data of a FED_MANY record."""
+    parts = []
+    for job_id, bid in fed:
+        raw = _id_bytes(job_id)
+        parts.append(bytes((len(raw),)) + raw + pack_bid(bid))
+    return b"".join(parts)
+
+
+def unpack_fed_many(data: bytes) -> Iterator[tuple[str, int]]:
+    """The (job id, bid) pairs of FED_MANY data (checked by `decode_at`)."""
+    pos = 0
+    while pos < len(data):
+        end = pos + 1 + data[pos]
+        yield data[pos + 1 : end].decode("ascii"), _unpack_bid_at(data, end)[0]
+        pos = end + BID.size
+
+
+def _fed_many_ok(data: bytes) -> bool:
+    """True if FED_MANY data is one or more whole entries with ASCII ids."""
+    pos = 0
+    while pos < len(data):
+        n = data[pos]
+        if n == 0 or not data[pos + 1 : pos + 1 + n].isascii():
+            return False
+        pos += 1 + n + BID.size
+    return 0 < pos == len(data)
+
+
+_unpack_bid_at = BID.unpack_from
+
+
 def decode_at(buf: bytes, offset: int, view: memoryview | None = None) -> Record | None:
     """The record starting exactly at `offset` if it is complete and valid, else None.
 
@@ -180,6 +223,8 @@ def decode_at(buf: bytes, offset: int, view: memoryview | None = None) -> Record
         return None
     data = buf[id_end:end]
     if (kind is Kind.FED and len(data) != BID.size) or (kind in _ID_ONLY and data):
+        return None
+    if kind is Kind.FED_MANY and (job_id != MANY_ID or not _fed_many_ok(data)):
         return None
     return _new_record(Record, (offset, HEADER_SIZE + length, kind, job_id, data))
 

@@ -356,8 +356,8 @@ def test_replay_rebuilds_jobs_bids_and_dead_state(tmp_path: Path) -> None:
 
     async def go() -> list[tuple[str, JobEntry]]:
         await journal.append_inserts([(jid(i), body(i)) for i in range(6)])
-        for i in range(6):
-            journal.note_fed(jid(i), 100 + i)
+        journal.note_fed_many([(jid(i), 100 + i) for i in range(5)] + [("nope", 1)])
+        journal.note_fed(jid(5), 105)
         await journal.mark_done(jid(0))
         await journal.mark_dead(jid(1), b'{"error":"boom"}')
         await journal.mark_dead(jid(2), b'{"error":"again"}')
@@ -378,7 +378,7 @@ def test_replay_rebuilds_jobs_bids_and_dead_state(tmp_path: Path) -> None:
     assert [k for k, _ in before] == [jid(1), jid(2), jid(4), jid(5)]
     assert reopened.jobs[jid(1)].dead == b'{"error":"boom"}'
     assert (reopened.jobs[jid(2)].bid, reopened.jobs[jid(2)].dead) == (777, None)
-    assert reopened.jobs[jid(4)].bid == 104
+    assert (reopened.jobs[jid(4)].bid, reopened.jobs[jid(5)].bid) == (104, 105)
     assert reopened.report.jobs == 4
     assert reopened.report.quarantined == ()
 

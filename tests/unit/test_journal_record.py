@@ -20,12 +20,14 @@ from kqs.journal.record import (
     encode_dead,
     encode_done,
     encode_fed,
+    encode_fed_many,
     encode_insert,
     encode_purge,
     encode_revive,
     record_size,
     scan,
     unpack_bid,
+    unpack_fed_many,
 )
 
 BODY = b'{"id":"n1-0001","type":"ping","data":{"a":1}}'
@@ -68,6 +70,17 @@ def test_fed_carries_the_beanstalkd_id() -> None:
     assert unpack_bid(rec.data) == 123456789
 
 
+def test_fed_many_carries_every_pair_in_order() -> None:
+    fed = [("n1-1", 7), ("x" * 255, 2**64 - 1), ("n1-2", 0)]
+    raw = encode_fed_many(fed)
+    rec = decode_at(raw, 0)
+    assert rec is not None
+    assert (rec.kind, rec.job_id, rec.size) == (Kind.FED_MANY, "*", len(raw))
+    assert list(unpack_fed_many(rec.data)) == fed
+    with pytest.raises(ValueError, match="at least one"):
+        encode_fed_many([])
+
+
 @pytest.mark.parametrize("job_id", ["", "é", "x" * 256])
 def test_bad_ids_are_refused(job_id: str) -> None:
     with pytest.raises(ValueError, match="job id"):
@@ -92,6 +105,12 @@ def _reframe(kind: int, payload: bytes) -> bytes:
         _reframe(Kind.DONE, b"\x05ab"),  # id longer than the payload
         _reframe(Kind.DONE, b"\x01a!"),  # DONE with data
         _reframe(Kind.FED, b"\x01a\x01\x02"),  # FED with a short bid
+        _reframe(Kind.FED_MANY, b"\x01*"),  # FED_MANY without entries
+        _reframe(Kind.FED_MANY, b"\x01a" + b"\x01b" + bytes(8)),  # not the id "*"
+        _reframe(Kind.FED_MANY, b"\x01*" + b"\x01b" + bytes(7)),  # a short bid
+        _reframe(Kind.FED_MANY, b"\x01*" + b"\x00" + bytes(8)),  # an empty id
+        _reframe(Kind.FED_MANY, b"\x01*" + b"\x01\xff" + bytes(8)),  # a non-ASCII id
+        _reframe(Kind.FED_MANY, b"\x01*" + b"\x01b" + bytes(9)),  # a stray byte
         _reframe(Kind.INSERT, b"\x01\xff"),  # non-ASCII id
         HEADER.pack(MAGIC, 2**30 + 1, 0) + b"\x01\x01a",  # insane length
         HEADER.pack(b"XX", 3, zlib.crc32(b"\x03\x01a")) + b"\x03\x01a",  # bad magic
