@@ -127,7 +127,15 @@ DEADLINE_SOON: Final = DeadlineSoon.DEADLINE_SOON
 
 class BeanstalkUnavailable(Exception):
     """The connection to beanstalkd is unusable: refused, closed, silent past a deadline or
-    out of step. Pending and later calls on the client raise it; `__cause__` says why."""
+    out of step. Pending and later calls on the client raise it; `__cause__` says why.
+
+    `partial` holds the values of the replies a pipelined call got before the connection
+    broke (in order; for `put_batch`, the PutResults of its first puts): those commands
+    took effect, and the rest may or may not have."""
+
+    def __init__(self, message: str, partial: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.partial = list(partial)
 
 
 class MalformedReply(Exception):
@@ -701,9 +709,12 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         while self._pending:
-            future = self._pending.popleft().future
-            if not future.done():
-                future.set_exception(self._unavailable(cause))
+            entry = self._pending.popleft()
+            if not entry.future.done():
+                err = self._unavailable(cause)
+                if entry.error is None:  # else its values are not to be trusted
+                    err.partial = entry.values
+                entry.future.set_exception(err)
         if self._transport is not None:
             self._transport.abort()
 
@@ -809,7 +820,11 @@ class BeanstalkClient:
             return []
         future = self._conn.send(b"".join(chunks), decoders, self._op_timeout, many=True)
         self._using = using
-        replies = await future
+        try:
+            replies = await future
+        except BeanstalkUnavailable as exc:  # `partial`: the results of the first puts
+            exc.partial = [r for r in exc.partial if isinstance(r, PutResult)]
+            raise
         return [r for r in replies if isinstance(r, PutResult)]
 
     # reading and working

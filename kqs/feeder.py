@@ -390,6 +390,18 @@ class Feeder:
         ]
         try:
             results = await client.put_batch(puts)
+        except BeanstalkUnavailable as exc:
+            # The puts answered INSERTED before the connection broke took effect: keep
+            # their bids, and put again only from the first other one on.
+            done: list[tuple[str, int]] = []
+            for item, res in zip(items, exc.partial, strict=False):
+                if res.status != "INSERTED" or res.id is None:
+                    break
+                done.append((item.job_id, res.id))
+            self._journal.note_fed_many(done)
+            self.stats.fed += len(done)
+            self._queue.extendleft(reversed(items[len(done) :]))
+            raise
         except BaseException:
             self._queue.extendleft(reversed(items))
             raise

@@ -11,6 +11,7 @@ from kqs.beanstalk import (
     DEADLINE_SOON,
     ERRORS,
     BadFormatError,
+    BeanstalkClient,
     BeanstalkError,
     BeanstalkUnavailable,
     BuriedError,
@@ -20,6 +21,7 @@ from kqs.beanstalk import (
     NotFoundError,
     NotIgnoredError,
     OutOfMemoryError,
+    PutItem,
     PutResult,
     Reply,
     ReplyParser,
@@ -539,5 +541,22 @@ def test_eof_fails_pending_calls() -> None:
         conn.eof_received()
         with pytest.raises(BeanstalkUnavailable, match="closed the connection"):
             future.result()
+
+    asyncio.run(main())
+
+
+def test_a_broken_put_batch_says_which_puts_were_answered() -> None:
+    async def main() -> None:
+        conn, transport = _connection()
+        client = BeanstalkClient(conn)
+        items = [PutItem("t", b"job%d" % i, 0, 0, 30) for i in range(4)]
+        batch = asyncio.ensure_future(client.put_batch(items))
+        await asyncio.sleep(0)
+        assert transport.written.startswith(b"use t\r\nput 0 0 30 4\r\njob0\r\n")
+        conn.data_received(b"USING t\r\nINSERTED 7\r\nBURIED 8\r\n")
+        conn.connection_lost(ConnectionResetError("reset"))
+        with pytest.raises(BeanstalkUnavailable) as caught:
+            await batch
+        assert caught.value.partial == [PutResult("INSERTED", 7), PutResult("BURIED", 8)]
 
     asyncio.run(main())

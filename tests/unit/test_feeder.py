@@ -52,6 +52,7 @@ class FakeBeanstalk:
         self.answers: list[PutStatus] = []  # statuses to answer the next puts with
         self.kicked: list[int] = []
         self.put_calls = 0
+        self.cut_after: int | None = None  # the next put_batch breaks after this many puts
 
     def restart(self, *, lose_jobs: bool) -> None:
         self.instance += "'"
@@ -64,20 +65,24 @@ class FakeConnection:
     def __init__(self, server: FakeBeanstalk) -> None:
         self.server = server
         self.instance = server.instance
+        self.cut = False
 
     @property
     def broken(self) -> bool:
-        return not self.server.up or self.server.instance != self.instance
+        return self.cut or not self.server.up or self.server.instance != self.instance
 
     def _check(self) -> None:
-        if not self.server.up or self.server.instance != self.instance:
+        if self.broken:
             raise BeanstalkUnavailable("connection reset")
 
     async def put_batch(self, items: Sequence[PutItem]) -> list[PutResult]:
         self._check()
         self.server.put_calls += 1
-        out = []
-        for item in items:
+        out: list[PutResult] = []
+        for n, item in enumerate(items):
+            if n == self.server.cut_after:
+                self.server.cut_after, self.cut = None, True
+                raise BeanstalkUnavailable("connection reset mid-batch", out)
             status: PutStatus = self.server.answers.pop(0) if self.server.answers else "INSERTED"
             if status in ("INSERTED", "BURIED"):
                 bid = self.server.next_id
@@ -194,6 +199,23 @@ def test_jobs_wait_while_beanstalkd_is_down_then_flow() -> None:
         server.up = True
         await until(lambda: feeder.stats.fed == 5, "fed after beanstalkd came back")
         assert in_beanstalk(server) == set(journal.jobs)
+        feeder.stop()
+        await task
+
+    run(body)
+
+
+def test_a_batch_cut_midway_puts_again_only_what_was_not_answered() -> None:
+    async def body() -> None:
+        server, journal, clock = FakeBeanstalk(), FakeJournal(), ManualClock()
+        server.cut_after = 2  # of a batch of 3
+        feeder = make(server, journal, clock)
+        task = asyncio.create_task(feeder.run())
+        feeder.submit([journal.add(job(i)) for i in range(5)])
+        await until(lambda: feeder.stats.fed == 5, "fed after the cut")
+        assert len(server.jobs) == 5  # no job was put twice
+        assert in_beanstalk(server) == set(journal.jobs)
+        assert all(journal.jobs[j].bid for j in journal.jobs)
         feeder.stop()
         await task
 
