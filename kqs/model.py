@@ -188,6 +188,13 @@ class IdGenerator:
         self._last = value
         return f"{self.node}-{value:017x}"
 
+    def next_many(self, n: int) -> list[str]:
+        """`n` ids at once, as `next` would give them, with one reading of the clock."""
+        first = max(self._last + 1, int(self._clock.time() * 1000) << self.SEQ_BITS)
+        self._last = first + n - 1
+        node = self.node
+        return [f"{node}-{value:017x}" for value in range(first, first + n)]
+
     def observe(self, job_id: str) -> None:
         node, _, tail = job_id.rpartition("-")
         if node == self.node:

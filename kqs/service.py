@@ -96,7 +96,11 @@ class Service:
         if self.draining:
             raise ShuttingDown("the server is shutting down; send the insert to another server")
         now = self.clock.time()
-        jobs = [Job(self.ids.next(), s.type, s.data, s.prio, s.delay, s.ttr, now) for s in specs]
+        ids = self.ids.next_many(len(specs))
+        jobs = [
+            Job(i, s.type, s.data, s.prio, s.delay, s.ttr, now)
+            for i, s in zip(ids, specs, strict=True)
+        ]
         try:
             bodies = [job.body() for job in jobs]
         except TypeError as exc:  # orjson: nesting deeper than it encodes (254 levels)

@@ -67,6 +67,14 @@ def test_ids_are_unique_ordered_and_name_the_node() -> None:
     assert {owner_of(i) for i in ids} == {"node_1"}
 
 
+def test_ids_made_many_at_once_are_those_made_one_by_one() -> None:
+    one, many = IdGenerator("n", ManualClock()), IdGenerator("n", ManualClock())
+    singles = [one.next() for _ in range(7)]
+    assert many.next_many(3) + many.next_many(4) == singles
+    assert many.next() == one.next()
+    assert many.next_many(0) == []
+
+
 def test_observe_keeps_ids_increasing_across_restarts() -> None:
     clock = ManualClock()
     first = IdGenerator("n", clock)
