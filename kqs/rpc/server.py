@@ -196,10 +196,15 @@ class Connection(asyncio.Protocol):
             self.refuse(Timeout(f"idle for over {limits.idle_timeout:.0f}s; reconnect when needed"))
 
     def _update_reading(self) -> None:
+        """Pause reading while too many requests are in flight or replies go unread;
+        resume when neither holds. (Twice per request: the no-change case is first.)"""
+        should_pause = (
+            self.write_paused_at is not None or self.inflight >= self.server.limits.max_inflight
+        )
+        if should_pause is self.read_paused:
+            return
         if self.transport is None or self.transport.is_closing():
             return
-        paused = self.write_paused_at is not None
-        should_pause = paused or self.inflight >= self.server.limits.max_inflight
         if should_pause and not self.read_paused:
             self.transport.pause_reading()
             self.read_paused = True
