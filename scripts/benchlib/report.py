@@ -225,8 +225,8 @@ def insert_section(results: Results) -> list[str]:
     ]
     if commits:
         lines += [
-            "kqs group commit (journal records per fsync; a job is an insert record plus a"
-            " feed note): " + "; ".join(commits) + ".",
+            "kqs group commit (journal records per fsync; each insert record, plus one feed"
+            " note per batch of puts): " + "; ".join(commits) + ".",
             "",
         ]
     lines.append(
