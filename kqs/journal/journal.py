@@ -145,8 +145,9 @@ class Ledger:
         """Apply one record found at `offset` of segment `number` (records in log order).
 
         INSERT adds the job, or for a known id moves its home here (copy-forward: the
-        job goes to the end of `jobs`); FED sets bid; DONE and PURGE remove it; DEAD
-        marks it dead; REVIVE makes it live with bid 0. Unknown ids are ignored.
+        job goes to the end of `jobs`); FED sets bid, FED_MANY does so for each of its
+        jobs; DONE and PURGE remove it; DEAD marks it dead; REVIVE makes it live with
+        bid 0. Unknown ids are ignored.
         """
         seg = self.segments[number]
         entry = self.jobs.get(job_id)
