@@ -23,11 +23,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import orjson
-
 from kqs.backoff import Backoff
 from kqs.clock import Clock
-from kqs.model import Job, owner_of
+from kqs.model import Job, dumps_kept, owner_of
 from kqs.store import BulkStore, StoreUnavailable
 
 log = logging.getLogger("kqs.offload")
@@ -53,7 +51,7 @@ class OffloadStats:
 
 def reference(job: Job, size: int) -> bytes:
     """The small body fed to beanstalkd in place of a large one (id stays the first key)."""
-    return orjson.dumps({"id": job.id, "type": job.type, "bulk": size, "ttr": job.ttr})
+    return dumps_kept({"id": job.id, "type": job.type, "bulk": size, "ttr": job.ttr})
 
 
 class Offloader:
