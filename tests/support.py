@@ -5,8 +5,9 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -94,8 +95,18 @@ class BeanstalkdProcess:
 class KqsProcess:
     """`kqs serve` as a real child process on a free port, with its own data directory."""
 
-    def __init__(self, data_dir: Path, *, beanstalkd: str = "embedded", **config: object) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        beanstalkd: str = "embedded",
+        prefix: Sequence[str] = (),
+        **config: object,
+    ) -> None:
+        """`prefix`: a command the server is started through (e.g. `nsenter -t PID -m
+        --`); it must exec the server in the same process, so `proc.pid` is the server's."""
         self.data_dir = data_dir
+        self.prefix = list(prefix)
         self.port = free_port()
         self.config_path = data_dir.parent / f"{data_dir.name}.toml"
         lines = [f'beanstalkd = "{beanstalkd}"', 'log_level = "debug"']
@@ -108,25 +119,10 @@ class KqsProcess:
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
 
     def start(self) -> None:
-        import sys
-
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kqs",
-                "serve",
-                "--config",
-                str(self.config_path),
-                "--data-dir",
-                str(self.data_dir),
-                "--port",
-                str(self.port),
-            ],
-            stdout=log,
-            stderr=log,
-        )
+        args = [sys.executable, "-m", "kqs", "serve", "--config", str(self.config_path)]
+        args += ["--data-dir", str(self.data_dir), "--port", str(self.port)]
+        self.proc = subprocess.Popen([*self.prefix, *args], stdout=log, stderr=log)
         log.close()
 
         def ready() -> bool:

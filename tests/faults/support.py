@@ -9,8 +9,6 @@ import contextlib
 import itertools
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -21,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from tests.support import KqsProcess, port_open, wait_until
+from tests.support import KqsProcess
 
 #: `KQS_SOAK=1`: long variants (more rounds, more clients, more examples).
 SOAK = os.environ.get("KQS_SOAK") == "1"
@@ -323,26 +321,3 @@ def wait_file_lines(path: Path, n: int, timeout: float = 30) -> None:
             raise TimeoutError(f"{path} did not reach {n} lines in {timeout}s")
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
-
-
-class WrappedKqs(KqsProcess):
-    """`kqs serve` started through a command prefix (e.g. `nsenter -t PID -m --`), which
-    must exec the server in the same process (so `proc.pid` is the server's)."""
-
-    def __init__(self, data_dir: Path, prefix: list[str], **config: Any) -> None:
-        super().__init__(data_dir, **config)
-        self.prefix = prefix
-
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        args = [sys.executable, "-m", "kqs", "serve", "--config", str(self.config_path)]
-        args += ["--data-dir", str(self.data_dir), "--port", str(self.port)]
-        self.proc = subprocess.Popen([*self.prefix, *args], stdout=log, stderr=log)
-        log.close()
-
-        def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"kqs exited with {self.proc.returncode}: {self.log_tail()}")
-            return port_open("127.0.0.1", self.port)
-
-        wait_until(ready, timeout=20, what=f"kqs on {self.port}")

@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 
 from kqs.client import Client, RemoteError
-from tests.faults.support import Figures, LoadGen, WrappedKqs, log_lines, sample
+from tests.faults.support import Figures, LoadGen, log_lines, sample
 from tests.integration.helpers import beanstalk_contents, beanstalkd_address, wait_fed
-from tests.support import BeanstalkdProcess, wait_until
+from tests.support import BeanstalkdProcess, KqsProcess, wait_until
 
 #: Error codes that say "the disk is full" clearly enough.
 DISK_FULL_CODES = frozenset({"journal_failed", "disk_full"})
@@ -130,8 +130,10 @@ def test_disk_full_inserts_fail_clearly_and_nothing_acked_is_lost(
     leave = random.choice([0, 700, 3000, 20_000])
     figures.scenario = "disk full (tmpfs)"
     figures.injected = f"{SIZE} tmpfs data_dir filled up to {leave} bytes free; 8 clients"
-    server = WrappedKqs(
-        tmp_path / "data", full_disk.prefix(), beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}"
+    server = KqsProcess(
+        tmp_path / "data",
+        prefix=full_disk.prefix(),
+        beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}",
     )
     gen = LoadGen(server.port, clients=8, job=padded, stop_on=DISK_FULL_CODES)
     try:
@@ -188,8 +190,10 @@ def test_disk_full_finishing_still_works_and_inserts_resume_when_space_returns(
 ) -> None:
     figures.scenario = "disk full: finish works, inserts resume"
     figures.injected = f"{SIZE} tmpfs data_dir filled to 0 bytes free, then freed"
-    server = WrappedKqs(
-        tmp_path / "data", full_disk.prefix(), beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}"
+    server = KqsProcess(
+        tmp_path / "data",
+        prefix=full_disk.prefix(),
+        beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}",
     )
     try:
         server.start()

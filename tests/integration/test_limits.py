@@ -19,7 +19,7 @@ TOKEN = "user-token-0123456789"
 ADMIN = "admin-token-0123456789"
 
 
-def server(tmp_path: Path, beanstalkd: BeanstalkdProcess, **config: object) -> KqsProcess:
+def server(tmp_path: Path, beanstalkd: BeanstalkdProcess, **config: Any) -> KqsProcess:
     kqs = KqsProcess(tmp_path / "data", beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}", **config)
     kqs.start()
     return kqs
