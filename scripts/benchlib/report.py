@@ -346,7 +346,31 @@ def large_section(results: Results) -> list[str]:
 
 def targets_section(results: Results) -> list[str]:
     rows = [[t["target"], t["wanted"], t["shown"], t["status"]] for t in evaluate(results)]
-    return ["## Targets", "", *_table(["target", "wanted", "measured", ""], rows)]
+    return [
+        "## Targets",
+        "",
+        *_table(["target", "wanted", "measured", ""], rows),
+        *ceilings(results),
+    ]
+
+
+def ceilings(results: Results) -> list[str]:
+    """What beanstalkd itself took in this run, next to the insert targets: kqs puts
+    every job into beanstalkd too, so a target above beanstalkd's own rate cannot be
+    sustained here by any design that feeds it."""
+    raw_c64 = insert_rate(results, "beanstalkd", "c64")
+    raw_arr = insert_rate(results, "beanstalkd", "arr100")
+    rq_c64 = insert_rate(results, "rq", "c64")
+    if raw_c64 is None or raw_arr is None or rq_c64 is None:
+        return []
+    return [
+        "For scale, in this run: raw beanstalkd took"
+        f" {_n(raw_c64)} puts/s from 64 clients, where 20x RQ would be {_n(20 * rq_c64)}/s,"
+        f" and {_n(raw_arr)} puts/s from 16 clients pipelining arrays of 100, where the"
+        " target is 150,000/s. Every kqs insert is also a beanstalkd put (in batches from"
+        " one connection), on the same vCPUs.",
+        "",
+    ]
 
 
 def profile_section(results: Results) -> list[str]:
