@@ -11,32 +11,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import gc
 import logging
-import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, TypeVarTuple
 
 from kqs.errors import DiskFull, JournalFailed, ShuttingDown
 from kqs.journal import segment
-from kqs.journal.diskio import OS_IO, DiskIO
-from kqs.journal.record import (
-    BID,
-    HEADER_SIZE,
-    MANY_ID,
-    Kind,
-    Record,
-    encode,
-    pack_bid,
-    pack_fed_many,
-    unpack_bid,
-    unpack_fed_many,
+from kqs.journal.blocking import (
+    RESERVE_BYTES,
+    RESERVE_NAME,
+    UNTIL_RESTART,
+    NoSpace,
+    close_io,
+    commit_io,
+    delete_io,
+    make_reserve,
+    read_io,
+    space_back,
 )
+from kqs.journal.diskio import OS_IO, DiskIO
+from kqs.journal.ledger import JobEntry, Ledger
+from kqs.journal.record import MANY_ID, Kind, encode, pack_bid, pack_fed_many
 from kqs.journal.segment import Quarantined
 
 log = logging.getLogger("kqs.journal")
@@ -47,36 +47,10 @@ MAX_BATCH_BYTES = 16 * 2**20
 """A batch stops taking queued appends once it holds this many bytes (at least one)."""
 ADVISORY_LINGER = 0.2
 """Seconds advisory records (FED) wait for a durable write to share its fsync with."""
-RESERVE_BYTES = 2**20
-"""Disk kept in `<dir>/reserve` and freed when the disk fills, so finishes still fit."""
-RESERVE_NAME = "reserve"
 SPACE_CHECK_SECONDS = 1.0
 """While the disk is full, how often an insert may look whether space came back."""
 COMPACT_SLICE_BYTES = 2**20
 COMPACT_SLICE_JOBS = 1024
-_UNTIL_RESTART = "the server accepts no more writes until restarted"
-
-
-@dataclass(slots=True)
-class JobEntry:
-    """A job not yet done or purged: where its body is, and what is known about it."""
-
-    segment: int  # home segment: the one holding its latest INSERT record
-    offset: int  # offset of the body bytes in that segment file
-    length: int  # body length
-    bid: int  # beanstalkd id carrying it; 0 = not known to be in beanstalkd
-    dead: bytes | None  # DEAD info, None while live
-
-
-@dataclass(slots=True)
-class SegmentState:
-    """What the ledger knows of one existing segment file."""
-
-    number: int
-    size: int
-    homes: dict[str, None] = field(default_factory=dict)  # jobs whose home it is
-    live: int = 0  # bytes a copy-forward of its home jobs would write
-    refs: set[int] = field(default_factory=set)  # other existing segments it pins
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,179 +81,6 @@ class JournalStats:
     retired_segments: int
     copied_forward: int
     disk_full: bool = False
-
-
-def copy_cost(job_id: str, entry: JobEntry) -> int:
-    """Bytes a copy-forward of the job writes: INSERT, plus FED and DEAD if they apply.
-
-    (`record_size` spelled out: this runs several times per job on the insert path.)"""
-    head = HEADER_SIZE + 2 + len(job_id)
-    cost = head + entry.length
-    if entry.bid:
-        cost += head + BID.size
-    if entry.dead is not None:
-        cost += head + len(entry.dead)
-    return cost
-
-
-class Ledger:
-    """Jobs and segments as the records say, with no I/O.
-
-    Invariants: every job is in `homes` of exactly its home segment; `live` of a
-    segment is the copy cost of its home jobs; `refs` of a segment holds the other
-    existing segments that were a job's home when one of its records was written.
-    A segment may be deleted once it has no home jobs and no refs (`retirable`).
-    """
-
-    def __init__(self) -> None:
-        self.jobs: dict[str, JobEntry] = {}
-        self.segments: dict[int, SegmentState] = {}
-        self.dead = 0
-        self.dirty = True  # something may have become retirable or compactable
-
-    def add_segment(self, number: int, size: int = 0) -> None:
-        self.segments[number] = SegmentState(number, size)
-        self.dirty = True
-
-    def apply(self, kind: Kind, job_id: str, data: bytes, number: int, offset: int) -> None:
-        """Apply one record found at `offset` of segment `number` (records in log order).
-
-        INSERT adds the job, or for a known id moves its home here (copy-forward: the
-        job goes to the end of `jobs`); FED sets bid, FED_MANY does so for each of its
-        jobs; DONE and PURGE remove it; DEAD marks it dead; REVIVE makes it live with
-        bid 0. Unknown ids are ignored.
-        """
-        seg = self.segments[number]
-        entry = self.jobs.get(job_id)
-        if kind is Kind.INSERT:
-            head = HEADER_SIZE + 2 + len(job_id)
-            if entry is None:  # a new job, most records of all: `_insert` spelled out
-                self.jobs[job_id] = JobEntry(number, offset + head, len(data), 0, None)
-                seg.homes[job_id] = None
-                seg.live += head + len(data)
-                return
-            self._insert(seg, job_id, entry, offset + head, len(data))
-            return
-        if kind is Kind.FED_MANY:
-            for fed_id, bid in unpack_fed_many(data):
-                self._fed(seg, fed_id, bid)
-            return
-        if kind is Kind.FED:
-            self._fed(seg, job_id, unpack_bid(data))
-            return
-        if entry is None:
-            return
-        home = self.segments[entry.segment]
-        if home is not seg:
-            seg.refs.add(home.number)
-        before = copy_cost(job_id, entry)
-        if kind is Kind.DONE or kind is Kind.PURGE:
-            del self.jobs[job_id]
-            del home.homes[job_id]
-            home.live -= before
-            if entry.dead is not None:
-                self.dead -= 1
-            self.dirty = True
-            return
-        if kind is Kind.DEAD:
-            if entry.dead is None:
-                self.dead += 1
-            entry.dead = data
-        elif kind is Kind.REVIVE:
-            if entry.dead is not None:
-                self.dead -= 1
-            entry.dead = None
-            entry.bid = 0
-        self._recost(home, job_id, entry, before)
-
-    def _fed(self, seg: SegmentState, job_id: str, bid: int) -> None:
-        """FED about `job_id`, found in `seg` (`_recost` spelled out: one job in two
-        has a FED entry, so this runs once per job at replay)."""
-        entry = self.jobs.get(job_id)
-        if entry is None:
-            return
-        home = self.segments[entry.segment]
-        if home is not seg:
-            seg.refs.add(home.number)
-        if bool(bid) != bool(entry.bid):
-            fed_cost = HEADER_SIZE + 2 + len(job_id) + BID.size
-            home.live += fed_cost if bid else -fed_cost
-            self.dirty = self.dirty or not bid
-        entry.bid = bid
-
-    def replayer(self, number: int) -> Callable[[Record], None]:
-        """`apply` for the records of segment `number`, one at a time, as replay finds them."""
-        apply = self.apply
-
-        def replay(rec: Record) -> None:
-            apply(rec.kind, rec.job_id, rec.data, number, rec.offset)
-
-        return replay
-
-    def _insert(
-        self, seg: SegmentState, job_id: str, entry: JobEntry | None, offset: int, length: int
-    ) -> None:
-        """A new job at `seg`, or the copy-forward of `entry` to `seg`."""
-        if entry is None:
-            entry = JobEntry(seg.number, offset, length, 0, None)
-        else:
-            old = self.segments[entry.segment]
-            old.live -= copy_cost(job_id, entry)
-            del old.homes[job_id]
-            if old is not seg:
-                seg.refs.add(old.number)
-            del self.jobs[job_id]
-            entry.segment, entry.offset, entry.length = seg.number, offset, length
-            self.dirty = True
-        self.jobs[job_id] = entry
-        seg.homes[job_id] = None
-        seg.live += copy_cost(job_id, entry)
-
-    def _recost(self, home: SegmentState, job_id: str, entry: JobEntry, before: int) -> None:
-        """Account a change of the job's copy cost in its home segment."""
-        after = copy_cost(job_id, entry)
-        home.live += after - before
-        if after < before:
-            self.dirty = True
-
-    def set_bid(self, job_id: str, bid: int) -> bool:
-        """Set a known job's bid ahead of its FED record; False for an unknown id."""
-        entry = self.jobs.get(job_id)
-        if entry is None:
-            return False
-        before = copy_cost(job_id, entry)
-        entry.bid = bid
-        self._recost(self.segments[entry.segment], job_id, entry, before)
-        return True
-
-    def retirable(self, active: int) -> list[int]:
-        """Forget and return (ascending) every segment that may now be deleted.
-
-        A segment other than `active` goes when no job has its home there and none
-        of its records is about a job homed in another existing segment; forgetting
-        one may free others, so this runs to a fixed point.
-        """
-        gone: list[int] = []
-        found = True
-        while found:
-            found = False
-            for number, seg in list(self.segments.items()):
-                if number != active and not seg.homes and not seg.refs:
-                    del self.segments[number]
-                    for other in self.segments.values():
-                        other.refs.discard(number)
-                    gone.append(number)
-                    found = True
-        return sorted(gone)
-
-    def compaction_source(self, active: int, ratio: float) -> int | None:
-        """The oldest sealed segment with home jobs whose copy cost is below
-        `ratio` of its size, or None."""
-        for number in sorted(self.segments):
-            seg = self.segments[number]
-            if number != active and seg.homes and seg.live < ratio * seg.size:
-                return number
-        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,101 +114,6 @@ class _Copy:
     segment: int
     offset: int
     body: bytes
-
-
-def _make_reserve(io: DiskIO, directory: Path) -> bool:
-    """Write `<dir>/reserve` (RESERVE_BYTES, fsynced) unless it exists; False on ENOSPC."""
-    path = directory / RESERVE_NAME
-    if path.exists():
-        return True
-    tmp = directory / (RESERVE_NAME + ".tmp")
-    try:
-        fd = io.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        try:
-            segment.append(io, fd, bytes(RESERVE_BYTES))
-            io.fsync(fd)
-        finally:
-            io.close(fd)
-        io.rename(tmp, path)
-        io.fsync_dir(directory)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            io.unlink(tmp)
-        if exc.errno in _NO_SPACE:
-            return False
-        raise
-    return True
-
-
-def _space_back(io: DiskIO, directory: Path) -> bool:
-    """Worker: True once there is room for the reserve and as much again, and the
-    reserve is made."""
-    if io.free_bytes(directory) < 4 * RESERVE_BYTES:
-        return False
-    return _make_reserve(io, directory)
-
-
-class _NoSpace(Exception):
-    """The disk is full; the batch left nothing behind (see `_commit_io`)."""
-
-
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-def _commit_io(
-    io: DiskIO, directory: Path, fd: int | None, number: int, offset: int, buf: bytes
-) -> int:
-    """Worker: append `buf` at `offset` of segment `number` (created first when `fd` is
-    None) and fsync it once. Returns the descriptor.
-
-    A full disk while creating or writing (ENOSPC, EDQUOT) undoes the batch (the new
-    segment is removed, or the file cut back to `offset`) and raises _NoSpace: nothing
-    is half-written and the journal goes on. Any other failure, and every fsync failure,
-    raises JournalFailed naming the step."""
-    step = "segment create"
-    created: int | None = None
-    try:
-        if fd is None:
-            fd = created = segment.create(io, directory, number)
-        step = "write"
-        segment.append(io, fd, buf)
-        step = "fsync"
-        io.fsync(fd)
-    except OSError as exc:
-        if step != "fsync" and exc.errno in _NO_SPACE:
-            with contextlib.suppress(OSError):
-                if created is not None:
-                    io.close(created)
-                    io.unlink(segment.path_of(directory, number))
-                elif fd is not None:
-                    io.ftruncate(fd, offset)
-            raise _NoSpace(str(exc)) from exc
-        if created is not None:
-            with contextlib.suppress(OSError):
-                io.close(created)
-        raise JournalFailed(f"journal {step} failed: {exc}; {_UNTIL_RESTART}") from exc
-    return fd
-
-
-def _delete_io(io: DiskIO, directory: Path, doomed: list[tuple[int, int | None]]) -> None:
-    """Worker: delete segments in the order given, each made durable before the next."""
-    try:
-        for number, fd in doomed:
-            segment.delete(io, directory, number, fd)
-    except OSError as exc:
-        raise JournalFailed(f"journal segment delete failed: {exc}; {_UNTIL_RESTART}") from exc
-
-
-def _read_io(io: DiskIO, spans: list[tuple[int, int, int]]) -> list[bytes]:
-    """Worker: read each (fd, offset, length)."""
-    return [segment.read_exact(io, fd, offset, length) for fd, offset, length in spans]
-
-
-def _close_io(io: DiskIO, fds: list[int]) -> None:
-    """Worker or start-up: close descriptors, ignoring errors (nothing to flush)."""
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            io.close(fd)
 
 
 class Journal:
@@ -522,13 +228,13 @@ class Journal:
                         io, directory, number, writable=number == active
                     )
         except BaseException:
-            _close_io(io, list(fds.values()))
+            close_io(io, list(fds.values()))
             raise
         finally:
             if collecting:
                 gc.enable()
         report = ReplayReport(len(numbers), records, len(ledger.jobs), torn, tuple(quarantined))
-        if not _make_reserve(io, directory):
+        if not make_reserve(io, directory):
             log.warning("journal %s: no room for the %d-byte reserve", directory, RESERVE_BYTES)
         log.info(
             "journal %s: %d segments, %d records, %d unfinished jobs (%d dead)",
@@ -628,7 +334,7 @@ class Journal:
             spans.append((self._fds[entry.segment], entry.offset, entry.length))
         if not spans:
             return []
-        return await self._run(_read_io, self._io, spans)
+        return await self._run(read_io, self._io, spans)
 
     async def flush(self) -> None:
         """Write whatever is queued (buffered FED records too) and wait until the writer
@@ -708,7 +414,7 @@ class Journal:
         self._closed = True
         fds = list(self._fds.values())
         self._fds.clear()
-        await self._run(_close_io, self._io, fds)
+        await self._run(close_io, self._io, fds)
         self._executor.shutdown(wait=True)
 
     # -- the writer --------------------------------------------------------------------
@@ -741,11 +447,11 @@ class Journal:
                 if not self.failed:
                     await self._after_commit()
         except asyncio.CancelledError:
-            self._fail(f"journal writer cancelled; {_UNTIL_RESTART}", [])
+            self._fail(f"journal writer cancelled; {UNTIL_RESTART}", [])
             raise
         except Exception as exc:
             log.exception("journal writer crashed")
-            self._fail(f"journal writer crashed: {exc!r}; {_UNTIL_RESTART}", [])
+            self._fail(f"journal writer crashed: {exc!r}; {UNTIL_RESTART}", [])
         finally:
             self._writer = None
 
@@ -777,7 +483,7 @@ class Journal:
         now = asyncio.get_running_loop().time()
         if now - self._space_checked >= SPACE_CHECK_SECONDS:
             self._space_checked = now
-            if await self._run(_space_back, self._io, self.directory):
+            if await self._run(space_back, self._io, self.directory):
                 self.disk_full = False
                 log.warning("journal %s: disk space is back; inserts resume", self.directory)
                 return
@@ -844,11 +550,11 @@ class Journal:
             fd = None if rotate else self._fds[number]
             buf = b"".join(r.raw for r in recs)
             try:
-                fd = await self._run(_commit_io, self._io, self.directory, fd, number, offset, buf)
+                fd = await self._run(commit_io, self._io, self.directory, fd, number, offset, buf)
             except JournalFailed as exc:
                 self._fail(exc.message, ops)
                 return
-            except _NoSpace as exc:
+            except NoSpace as exc:
                 await self._out_of_space(str(exc), ops)
                 return
             if rotate:
@@ -879,7 +585,7 @@ class Journal:
         if gone:
             doomed = [(number, self._fds.pop(number, None)) for number in gone]
             try:
-                await self._run(_delete_io, self._io, self.directory, doomed)
+                await self._run(delete_io, self._io, self.directory, doomed)
             except JournalFailed as exc:
                 self._fail(exc.message, [])
                 return
@@ -907,7 +613,7 @@ class Journal:
                 break
         fd = self._fds[source]
         try:
-            bodies = await self._run(_read_io, self._io, [(fd, o, n) for _, o, n in picked])
+            bodies = await self._run(read_io, self._io, [(fd, o, n) for _, o, n in picked])
         except OSError as exc:
             log.error("journal compaction stopped until restart: segment %d: %s", source, exc)
             self._compact_off = True

@@ -14,7 +14,8 @@ import pytest
 
 from kqs.errors import DiskFull, JournalFailed, ShuttingDown
 from kqs.journal import DiskIO, JobEntry, Journal
-from kqs.journal.journal import RESERVE_BYTES, SPACE_CHECK_SECONDS
+from kqs.journal.blocking import RESERVE_BYTES
+from kqs.journal.journal import SPACE_CHECK_SECONDS
 
 T = TypeVar("T")
 
