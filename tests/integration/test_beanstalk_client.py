@@ -10,9 +10,9 @@ from typing import Any
 import greenstalk
 import pytest
 
-from kqs.beanstalk import (
+from kqs.beanstalk.client import BeanstalkClient
+from kqs.beanstalk.protocol import (
     DEADLINE_SOON,
-    BeanstalkClient,
     BeanstalkUnavailable,
     NotIgnoredError,
     PutItem,

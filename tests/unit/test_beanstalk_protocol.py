@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from kqs.beanstalk import (
+from kqs.beanstalk.client import BeanstalkClient, _Connection
+from kqs.beanstalk.protocol import (
     DEADLINE_SOON,
     ERRORS,
     BadFormatError,
-    BeanstalkClient,
     BeanstalkError,
     BeanstalkUnavailable,
     BuriedError,
@@ -28,7 +28,6 @@ from kqs.beanstalk import (
     ReservedJob,
     UnexpectedReply,
     UnknownCommandError,
-    _Connection,
     cmd_bury,
     cmd_ignore,
     cmd_job,
