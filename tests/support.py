@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -9,6 +10,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+#: `KQS_SOAK=1`: long variants (more rounds, more clients, more examples).
+SOAK = os.environ.get("KQS_SOAK") == "1"
+
+
+def scaled(ci: int, soak: int) -> int:
+    """`soak` under KQS_SOAK=1, else `ci`."""
+    return soak if SOAK else ci
 
 
 def free_port() -> int:

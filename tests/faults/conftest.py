@@ -12,7 +12,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.faults.support import RESULTS_ENV, SOAK, Figures
+from tests.faults.support import RESULTS_ENV, Figures
+from tests.support import SOAK
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import re
 import threading
 import time
@@ -21,17 +20,10 @@ import orjson
 
 from tests.support import KqsProcess
 
-#: `KQS_SOAK=1`: long variants (more rounds, more clients, more examples).
-SOAK = os.environ.get("KQS_SOAK") == "1"
 #: A file to which every fault test appends one JSON line of figures (scripts/reliability).
 RESULTS_ENV = "KQS_RELIABILITY_RESULTS"
 
 JOB_ID = re.compile(r"[A-Za-z0-9_.]{1,32}-[0-9a-f]{17}")
-
-
-def scaled(ci: int, soak: int) -> int:
-    """`soak` under KQS_SOAK=1, else `ci`."""
-    return soak if SOAK else ci
 
 
 @dataclass

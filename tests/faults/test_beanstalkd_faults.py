@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from tests.faults.handlers import runs
-from tests.faults.support import Figures, LoadGen, sample, scaled
+from tests.faults.support import Figures, LoadGen, sample
 from tests.integration.helpers import kqs_stats
 from tests.integration.runner_support import RunnerProcess, wait_finished, wait_watching
-from tests.support import KqsProcess, wait_until
+from tests.support import KqsProcess, scaled, wait_until
 
 JOBS = """
 [types.fault]

@@ -30,9 +30,9 @@ from hypothesis import strategies as st
 
 from kqs.client import Client
 from kqs.journal.record import BadRange, Kind, Record, scan
-from tests.faults.support import Figures, log_lines, sample, scaled
+from tests.faults.support import Figures, log_lines, sample
 from tests.integration.helpers import beanstalk_contents, beanstalkd_address, kqs_stats, wait_fed
-from tests.support import KqsProcess
+from tests.support import KqsProcess, scaled
 
 SEGMENT_BYTES = 4096
 

@@ -8,9 +8,9 @@ import random
 from pathlib import Path
 
 from tests.faults.handlers import runs
-from tests.faults.support import SOAK, Figures, LoadGen, sample, scaled
+from tests.faults.support import Figures, LoadGen, sample
 from tests.integration.runner_support import RunnerProcess, call, wait_finished, wait_watching
-from tests.support import KqsProcess, wait_until
+from tests.support import SOAK, KqsProcess, scaled, wait_until
 
 JOBS = """
 [types.fault]

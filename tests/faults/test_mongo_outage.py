@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from tests.faults.handlers import runs
-from tests.faults.support import Figures, LoadGen, all_of, sample, scaled
+from tests.faults.support import Figures, LoadGen, all_of, sample
 from tests.integration.helpers import kqs_stats
 from tests.integration.runner_support import RunnerProcess, wait_finished, wait_watching
 from tests.mongo import MongodProcess, unique_database
-from tests.support import KqsProcess, wait_until
+from tests.support import KqsProcess, scaled, wait_until
 
 JOBS = """
 [types.small]

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from tests.faults.handlers import runs
 from tests.faults.proxy import Chaos, FaultProxy
-from tests.faults.support import Figures, LoadGen, sample, scaled
+from tests.faults.support import Figures, LoadGen, sample
 from tests.integration.runner_support import RunnerProcess, wait_finished, wait_watching
-from tests.support import BeanstalkdProcess, KqsProcess, wait_until
+from tests.support import BeanstalkdProcess, KqsProcess, scaled, wait_until
 
 JOBS = """
 [types.fault]

@@ -27,9 +27,9 @@ from kqs.runner import JobContext
 from kqs.runner import handlers as runner_handlers
 from kqs.runner.handlers import CommandHandler
 from tests.faults.handlers import runs
-from tests.faults.support import Figures, LoadGen, sample, scaled
+from tests.faults.support import Figures, LoadGen, sample
 from tests.integration.runner_support import RunnerProcess, call, wait_watching
-from tests.support import KqsProcess, wait_until
+from tests.support import KqsProcess, scaled, wait_until
 
 H = "tests.faults.handlers"
 HANG_CMD = (

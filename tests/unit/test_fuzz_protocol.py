@@ -34,6 +34,7 @@ from kqs.model import IdGenerator
 from kqs.rpc.methods import METHODS
 from kqs.rpc.server import Connection, Limits, RpcServer
 from kqs.service import Service
+from tests.support import scaled
 
 #: Every code docs/protocol.md documents, except `internal_error` (a bug) and the codes of
 #: situations this harness never creates (journal failure, shutdown, limits of a server).
@@ -350,7 +351,7 @@ def requests(draw: st.DrawFn) -> Obj:
 # --- the properties ----------------------------------------------------------------------
 
 FUZZ = settings(
-    max_examples=300,
+    max_examples=scaled(300, 5000),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -385,7 +386,7 @@ def test_any_bytes_get_errors_never_a_crash(harness: Harness, lines: list[bytes]
     check_replies(harness, lines, replies, transport)
 
 
-@settings(max_examples=60, deadline=None, database=None)
+@settings(max_examples=scaled(60, 600), deadline=None, database=None)
 @given(st.data())
 def test_every_method_with_wrong_param_types(harness: Harness, data: st.DataObject) -> None:
     """Each method, each of its fields set to a value of every JSON type in turn."""
