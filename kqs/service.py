@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from kqs import __version__
+from kqs.beanstalk import DEFAULT_TUBE
 from kqs.clock import Clock
 from kqs.errors import (
     InvalidParams,
@@ -337,15 +338,22 @@ class Service:
             t = tubes.get(name, {})
             ready = int(t.get("current-jobs-ready", 0))
             watching = int(t.get("current-watching", 0))
+            if name == DEFAULT_TUBE and t:
+                watching -= 1  # every connection watches it, the feeder's own too
             done = self.finished_by_type.get(name, Counter())
-            out[name] = {
+            counts = {
                 "ready": ready,
                 "reserved": int(t.get("current-jobs-reserved", 0)),
                 "delayed": int(t.get("current-jobs-delayed", 0)),
                 "buried": int(t.get("current-jobs-buried", 0)),
-                "runners": watching,
+            }
+            if name == DEFAULT_TUBE and not any(counts.values()) and not done:
+                continue  # beanstalkd's own tube, not a job type anyone used
+            out[name] = {
+                **counts,
+                "runners": max(0, watching),
                 "done": done["done"],
                 "dead": done["dead"],
-                "unattended": ready > 0 and watching == 0,
+                "unattended": ready > 0 and watching <= 0,
             }
         return out

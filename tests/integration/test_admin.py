@@ -140,3 +140,15 @@ def test_stats_per_type_flags_a_type_nobody_runs(
     assert types["orphan"]["ready"] == 2
     assert types["orphan"]["unattended"] is True
     assert types["served"]["unattended"] is False
+    assert "default" not in types  # beanstalkd's own tube: no job of that type yet
+
+
+def test_stats_type_default_does_not_count_kqs_as_its_runner(kqs: KqsProcess) -> None:
+    """Every beanstalkd connection watches "default", kqs's feeder too: not a runner."""
+    with Client("127.0.0.1", kqs.port) as c:
+        c.call("insert", {"type": "default"})
+    wait_fed(kqs.port)
+    types = kqs_stats(kqs.port)["types"]
+    assert types["default"]["ready"] == 1
+    assert types["default"]["runners"] == 0
+    assert types["default"]["unattended"] is True
