@@ -20,12 +20,13 @@ from kqs.config import ServerConfig, load_config, parse_address
 from kqs.errors import BeanstalkdMissing, ConfigError
 
 DEFAULT_SERVER = "127.0.0.1:14151"
-#: Cyclic-GC thresholds of `kqs serve` (Python's default: 700, 10, 10). Measured side by
-#: side (docs/performance.md): with the default, young-generation collections, run
-#: every 700 net allocations, cost the server about a quarter of its inserts/s in
-#: arrays of 100 and a few per cent with 64 single-insert clients. kqs makes few
-#: reference cycles, so letting more objects accumulate between collections is cheap.
-SERVE_GC_THRESHOLDS = (50_000, 20, 100)
+#: Cyclic-GC thresholds of `kqs serve` and `kqs run` (Python's default: 700, 10, 10).
+#: Measured side by side (docs/performance.md): with the default, young-generation
+#: collections, run every 700 net allocations, cost the server about a quarter of its
+#: inserts/s in arrays of 100 and a few per cent with 64 single-insert clients, and one
+#: runner process ~13 % of its jobs/s. kqs makes few reference cycles, so letting more
+#: objects accumulate between collections costs little memory.
+GC_THRESHOLDS = (50_000, 20, 100)
 
 server_option = click.option(
     "--server",
@@ -123,7 +124,7 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    cyclic_gc.set_threshold(*SERVE_GC_THRESHOLDS)
+    cyclic_gc.set_threshold(*GC_THRESHOLDS)
     try:
         sys.exit(run_loop(run_server(config)))
     except BeanstalkdMissing as exc:
@@ -256,6 +257,7 @@ def run(
         runner = Runner(config, chosen, token=token or None, tls=context)
         return await runner.run()
 
+    cyclic_gc.set_threshold(*GC_THRESHOLDS)
     try:
         code = run_loop(main())
     except ConfigError as exc:
