@@ -20,6 +20,11 @@ RESERVE_BYTES = 2**20
 """Disk kept in `<dir>/reserve` and freed when the disk fills, so finishes still fit."""
 RESERVE_NAME = "reserve"
 UNTIL_RESTART = "the server accepts no more writes until restarted"
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpace(Exception):
+    """The disk is full; the batch left nothing behind (see `commit_io`)."""
 
 
 def make_reserve(io: DiskIO, directory: Path) -> bool:
@@ -52,13 +57,6 @@ def space_back(io: DiskIO, directory: Path) -> bool:
     if io.free_bytes(directory) < 4 * RESERVE_BYTES:
         return False
     return make_reserve(io, directory)
-
-
-class NoSpace(Exception):
-    """The disk is full; the batch left nothing behind (see `commit_io`)."""
-
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def commit_io(
