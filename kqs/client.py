@@ -34,11 +34,19 @@ class Client:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock = tls.wrap_socket(sock, server_hostname=host) if tls is not None else sock
+        try:
+            self.sock = tls.wrap_socket(sock, server_hostname=host) if tls is not None else sock
+        except BaseException:
+            sock.close()  # a failed handshake must not leave the socket open
+            raise
         self.file = self.sock.makefile("rb")
         self._ids = itertools.count(1)
         if token:
-            self.call("auth", {"token": token})
+            try:
+                self.call("auth", {"token": token})
+            except BaseException:
+                self.close()  # nor a refused token
+                raise
 
     def call(self, method: str, params: Any = None) -> Any:
         """Send one request and return its result, or raise RemoteError."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 import ssl
 import subprocess
@@ -125,6 +126,14 @@ def test_with_a_token_nothing_works_before_auth(guarded: KqsProcess) -> None:
             assert err.value.code == "forbidden"
     with Client("127.0.0.1", guarded.port, token=ADMIN) as admin:
         assert admin.call("purge", {"all": True}) == {"purged": 0}
+
+
+def test_a_client_refused_its_token_closes_its_socket(guarded: KqsProcess) -> None:
+    with pytest.raises(RemoteError) as err:
+        Client("127.0.0.1", guarded.port, token="guess-guess-guess")
+    assert err.value.code == "unauthorized"
+    del err  # its traceback holds the half-made Client
+    gc.collect()  # a socket left open warns now (ResourceWarning), which fails the test
 
 
 def test_a_wrong_token_closes_the_connection(guarded: KqsProcess) -> None:
