@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 import pytest
@@ -29,3 +30,13 @@ def mongod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MongodProcess]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """Finalize each test's garbage before the next test starts. A socket or file left
+    open warns (ResourceWarning, an error here) when it is collected: this makes that
+    happen in the test that leaked it, not in whichever later test the collector
+    happens to run in."""
+    yield
+    gc.collect()
