@@ -55,8 +55,10 @@ def _client(server: str) -> Client:
 
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:
-    """Run `main` on uvloop (measured: 35-50% more inserts/s with 64 clients than the
-    default loop, docs/performance.md); KQS_NO_UVLOOP=1 uses the standard loop."""
+    """Run `main` (`kqs serve`, `kqs run`) with GC_THRESHOLDS on uvloop (measured: 35-50%
+    more inserts/s with 64 clients than the default loop, docs/performance.md);
+    KQS_NO_UVLOOP=1 uses the standard loop."""
+    cyclic_gc.set_threshold(*GC_THRESHOLDS)
     if os.environ.get("KQS_NO_UVLOOP") != "1":
         try:
             import uvloop
@@ -124,7 +126,6 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    cyclic_gc.set_threshold(*GC_THRESHOLDS)
     try:
         sys.exit(run_loop(run_server(config)))
     except BeanstalkdMissing as exc:
@@ -257,7 +258,6 @@ def run(
         runner = Runner(config, chosen, token=token or None, tls=context)
         return await runner.run()
 
-    cyclic_gc.set_threshold(*GC_THRESHOLDS)
     try:
         code = run_loop(main())
     except ConfigError as exc:
