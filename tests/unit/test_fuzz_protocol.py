@@ -35,6 +35,7 @@ from kqs.rpc.methods import METHODS
 from kqs.rpc.server import Connection, Limits, RpcServer
 from kqs.service import Service
 from tests.support import scaled
+from tests.unit.rpc_transport import FakeTransport
 
 #: Every code docs/protocol.md documents, except `internal_error` (a bug) and the codes of
 #: situations this harness never creates (journal failure, shutdown, limits of a server).
@@ -57,36 +58,6 @@ REPLY_WITHIN = 5.0
 
 
 # --- the harness -----------------------------------------------------------------------
-
-
-class FakeTransport(asyncio.Transport):
-    """Collects what the connection writes; remembers whether it closed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.closed = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.out += data
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 async def never_connect() -> FeedConnection:

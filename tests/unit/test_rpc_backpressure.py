@@ -11,30 +11,7 @@ import pytest
 from kqs.rpc.methods import METHODS, Caller, Level
 from kqs.rpc.server import Connection, Limits, RpcServer
 from kqs.service import Service
-
-
-class Transport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.reading = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.out += data
-
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        assert self.reading, "paused twice"
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        assert not self.reading, "resumed twice"
-        self.reading = True
+from tests.unit.rpc_transport import FakeTransport
 
 
 @pytest.fixture
@@ -50,14 +27,14 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
     return event
 
 
-def connect(max_inflight: int) -> tuple[Connection, Transport]:
+def connect(max_inflight: int) -> tuple[Connection, FakeTransport]:
     server = RpcServer(
         cast(Service, None),  # the methods used here never touch it
         request_shutdown=lambda: None,
         limits=Limits(max_inflight=max_inflight),
     )
     conn = Connection(server)
-    transport = Transport()
+    transport = FakeTransport()
     conn.connection_made(transport)
     return conn, transport
 
