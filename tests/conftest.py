@@ -6,7 +6,19 @@ from collections.abc import Iterator
 import pytest
 
 from tests.mongo import MongodProcess
-from tests.support import BeanstalkdProcess
+from tests.support import SOAK, BeanstalkdProcess
+
+#: Per-test time limit under KQS_SOAK=1 (the long fault variants); the default is
+#: pyproject.toml's `timeout`.
+SOAK_TIMEOUT = 1800
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under KQS_SOAK=1, give every test the soak time limit (whoever runs the suite:
+    ./scripts/test, scripts/reliability or pytest itself)."""
+    if SOAK:
+        for item in items:
+            item.add_marker(pytest.mark.timeout(SOAK_TIMEOUT))
 
 
 @pytest.fixture

@@ -43,15 +43,31 @@ def _status(item: pytest.Item) -> str:
     return "FAIL"
 
 
+def _skip_reason(item: pytest.Item) -> str | None:
+    """Why the test was skipped (in its set-up, e.g. the disk-full mount namespace could
+    not be made, or in its body, e.g. no strace), or None; xfails are not skips."""
+    for when in ("setup", "call"):
+        report = item.stash.get(_REPORTS, {}).get(when)
+        if report is not None and report.skipped and not hasattr(report, "wasxfail"):
+            longrepr = report.longrepr
+            return str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+    return None
+
+
 @pytest.fixture
 def figures(request: pytest.FixtureRequest) -> Iterator[Figures]:
-    """The test's figures; written to $KQS_RELIABILITY_RESULTS when the test ends."""
+    """The test's figures; written to $KQS_RELIABILITY_RESULTS when the test ends.
+
+    Ask for it before any fixture that may skip, so a skipped scenario still gets its
+    row (with the reason) rather than vanishing from the table."""
     figures = Figures(scenario=request.node.name)
     started = time.monotonic()
     yield figures
     target = os.environ.get(RESULTS_ENV)
     if not target:
         return
+    if (reason := _skip_reason(request.node)) is not None:
+        figures.note(f"skipped: {reason}")
     line = {
         "test": request.node.nodeid,
         "scenario": figures.scenario,

@@ -34,7 +34,7 @@ class Figures:
     injected: str = ""
     acknowledged: int = 0
     lost: int = 0
-    duplicated: int = 0
+    duplicated: int | None = None  # measured only where a runner runs; None is shown as "-"
     notes: list[str] = field(default_factory=list)
 
     def note(self, text: str) -> None:

@@ -55,6 +55,7 @@ class TmpfsNamespace:
         def mounted() -> bool:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                self.close()
                 pytest.skip(
                     "!!! cannot mount a tmpfs in a private mount namespace here (not root?):"
                     f" the disk-full test did NOT run: {err[-300:]} !!!"
@@ -125,7 +126,7 @@ def try_call(port: int, method: str, params: object) -> str:
 
 
 def test_disk_full_inserts_fail_clearly_and_nothing_acked_is_lost(
-    tmp_path: Path, beanstalkd: BeanstalkdProcess, full_disk: TmpfsNamespace, figures: Figures
+    figures: Figures, tmp_path: Path, beanstalkd: BeanstalkdProcess, full_disk: TmpfsNamespace
 ) -> None:
     leave = random.choice([0, 700, 3000, 20_000])
     figures.scenario = "disk full (tmpfs)"
@@ -186,7 +187,7 @@ def test_disk_full_inserts_fail_clearly_and_nothing_acked_is_lost(
 
 
 def test_disk_full_finishing_still_works_and_inserts_resume_when_space_returns(
-    tmp_path: Path, beanstalkd: BeanstalkdProcess, full_disk: TmpfsNamespace, figures: Figures
+    figures: Figures, tmp_path: Path, beanstalkd: BeanstalkdProcess, full_disk: TmpfsNamespace
 ) -> None:
     figures.scenario = "disk full: finish works, inserts resume"
     figures.injected = f"{SIZE} tmpfs data_dir filled to 0 bytes free, then freed"
