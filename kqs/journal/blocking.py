@@ -67,8 +67,9 @@ def commit_io(
 
     A full disk while creating or writing (ENOSPC, EDQUOT) undoes the batch (the new
     segment is removed, or the file cut back to `offset`) and raises NoSpace: nothing
-    is half-written and the journal goes on. Any other failure, and every fsync failure,
-    raises JournalFailed naming the step."""
+    is half-written and the journal goes on. Any other failure, every fsync failure,
+    and a failed undo (the file would no longer match the offsets the journal keeps)
+    raise JournalFailed naming the step."""
     step = "segment create"
     created: int | None = None
     try:
@@ -80,18 +81,36 @@ def commit_io(
         io.fsync(fd)
     except OSError as exc:
         if step != "fsync" and exc.errno in NO_SPACE:
-            with contextlib.suppress(OSError):
-                if created is not None:
-                    io.close(created)
-                    io.unlink(segment.path_of(directory, number))
-                elif fd is not None:
-                    io.ftruncate(fd, offset)
+            _undo(io, directory, number, created, fd, offset, exc)
             raise NoSpace(str(exc)) from exc
         if created is not None:
             with contextlib.suppress(OSError):
                 io.close(created)
         raise JournalFailed(f"journal {step} failed: {exc}; {UNTIL_RESTART}") from exc
     return fd
+
+
+def _undo(
+    io: DiskIO,
+    directory: Path,
+    number: int,
+    created: int | None,
+    fd: int | None,
+    offset: int,
+    cause: OSError,
+) -> None:
+    """Undo a batch that found the disk full (`cause`): remove the segment it created,
+    or cut the file back to `offset`. JournalFailed if that fails."""
+    try:
+        if created is not None:
+            io.close(created)
+            io.unlink(segment.path_of(directory, number))
+        elif fd is not None:
+            io.ftruncate(fd, offset)
+    except OSError as exc:
+        raise JournalFailed(
+            f"journal write failed: {cause}, and undoing it failed: {exc}; {UNTIL_RESTART}"
+        ) from exc
 
 
 def delete_io(io: DiskIO, directory: Path, doomed: list[tuple[int, int | None]]) -> None:

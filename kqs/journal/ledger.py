@@ -197,10 +197,31 @@ class Ledger:
         return sorted(gone)
 
     def compaction_source(self, active: int, ratio: float) -> int | None:
-        """The oldest sealed segment with home jobs whose copy cost is below
-        `ratio` of its size, or None."""
-        for number in sorted(self.segments):
-            seg = self.segments[number]
-            if number != active and seg.homes and seg.live < ratio * seg.size:
-                return number
-        return None
+        """The sealed segment to compact next, or None.
+
+        First choice: the oldest sealed segment with home jobs whose copy cost is below
+        `ratio` of its size. Otherwise the oldest sealed segment with home jobs, if
+        copying forward the home jobs of the k oldest such segments (some k >= 1) costs
+        below `ratio` of the bytes that lets go: those k segments, and every sealed
+        segment without home jobs before the (k+1)th. Such a segment exists only for
+        its refs, which point to older segments, so it goes once they are all gone.
+        That is what frees a chain of segments, each pinned by a record about a job
+        homed in the one before, down to an old segment of long-lived jobs. With no
+        such k, sealed bytes are at most their copy cost / `ratio`.
+        """
+        sealed = [self.segments[n] for n in sorted(self.segments) if n != active]
+        for seg in sealed:
+            if seg.homes and seg.live < ratio * seg.size:
+                return seg.number
+        oldest: int | None = None
+        cost = freed = 0
+        for seg in sealed:
+            if seg.homes:
+                if oldest is not None and cost < ratio * freed:
+                    return oldest
+                if oldest is None:
+                    oldest = seg.number
+                cost += seg.live
+            if oldest is not None:
+                freed += seg.size
+        return oldest if cost < ratio * freed else None

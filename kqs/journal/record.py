@@ -67,8 +67,11 @@ class Record(NamedTuple):
 class BadRange:
     """Bytes [start, end) that hold no valid record.
 
-    `torn` is True when no valid record follows (the damage runs to the end of the
-    buffer); otherwise a valid record starts at `end` and the range is corrupt.
+    `torn` is True for an unfinished write: no valid record follows (the damage runs to
+    the end of the buffer) and the damage does not begin with a whole record (see
+    `framed_at`). Otherwise the range is corrupt: a valid record starts at `end`, or
+    `end` is the end of the buffer and the range begins with a whole record that
+    fails its checks (written in full, then damaged).
     """
 
     start: int
@@ -234,6 +237,17 @@ _crc32 = zlib.crc32
 _new_record = tuple.__new__
 
 
+def framed_at(buf: bytes, offset: int) -> bool:
+    """True if a whole record's frame starts at `offset`: the magic, a sane length, and
+    every byte that length promises present in `buf` (valid or not). A write cut short
+    leaves no such frame behind it: its last record lacks bytes."""
+    if offset + HEADER_SIZE > len(buf):
+        return False
+    magic, length, _ = _unpack_header(buf, offset)
+    end: int = offset + HEADER_SIZE + length
+    return magic == MAGIC and 2 <= length <= MAX_LENGTH and end <= len(buf)
+
+
 def find_next(buf: bytes, start: int) -> int | None:
     """The first offset >= `start` where a complete valid record begins, or None."""
     view = memoryview(buf)
@@ -250,7 +264,8 @@ def scan(buf: bytes) -> Iterator[Record | BadRange]:
 
     At a bad record, search forward for the next valid record: if one is found, the
     bytes before it are a corrupt range (`torn=False`) and scanning goes on there;
-    if none is, the bytes to the end are a torn tail (`torn=True`), the last item.
+    if none is, the bytes to the end are the last item: a torn tail (`torn=True`),
+    unless they begin with a whole but invalid record, which makes them corrupt.
     """
     pos = 0
     view = memoryview(buf)
@@ -262,7 +277,7 @@ def scan(buf: bytes) -> Iterator[Record | BadRange]:
             continue
         nxt = find_next(buf, pos + 1)
         if nxt is None:
-            yield BadRange(pos, len(buf), torn=True)
+            yield BadRange(pos, len(buf), torn=not framed_at(buf, pos))
             return
         yield BadRange(pos, nxt, torn=False)
         pos = nxt

@@ -8,6 +8,8 @@ start-up (before serving) or from its worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
@@ -24,6 +26,7 @@ log = logging.getLogger("kqs.journal")
 SUFFIX = ".seg"
 TMP_SUFFIX = ".seg.tmp"
 QUARANTINE = "quarantine"
+TORN = "torn"
 _NAME = re.compile(r"(\d{8,})\.seg")
 _READ_CHUNK = 16 * 2**20
 
@@ -161,20 +164,58 @@ def _truncate(io: DiskIO, path: Path, size: int) -> None:
         io.close(fd)
 
 
-def _quarantine(
-    io: DiskIO, directory: Path, number: int, buf: bytes, bad: list[BadRange]
+def _keep(
+    io: DiskIO, directory: Path, sub: str, number: int, buf: bytes, bad: list[BadRange]
 ) -> list[Quarantined]:
-    """Copy each bad range to `<dir>/quarantine/<segment>-<offset>.bin`, durably."""
-    qdir = directory / QUARANTINE
+    """Copy each bad range durably to `<dir>/<sub>/<segment>-<offset>.bin`.
+
+    A copy never replaces another: if that name holds other bytes (the same offset,
+    damaged again after an earlier repair), it gets `-2`, `-3`, ... appended; if it
+    holds the same bytes (a repair interrupted before the segment was rewritten), it
+    is kept as it is.
+    """
+    qdir = directory / sub
     io.makedirs(qdir)
     io.fsync_dir(directory)
+    names = set(io.listdir(qdir))
     out: list[Quarantined] = []
     for b in bad:
-        target = qdir / f"{number:08d}-{b.start}.bin"
-        _write_file(io, target, buf[b.start : b.end])
+        data = buf[b.start : b.end]
+        stem = f"{number:08d}-{b.start}"
+        target, n = qdir / f"{stem}.bin", 1
+        while target.name in names and _read_all(io, target) != data:
+            n += 1
+            target = qdir / f"{stem}-{n}.bin"
+        if target.name not in names:
+            _write_copy(io, target, data)
+            names.add(target.name)
         out.append(Quarantined(target, number, b.start, b.length))
     io.fsync_dir(qdir)
     return out
+
+
+def _write_copy(io: DiskIO, path: Path, data: bytes) -> None:
+    """`_write_file`, removing what it left behind if it fails."""
+    try:
+        _write_file(io, path, data)
+    except OSError:
+        with contextlib.suppress(OSError):
+            io.unlink(path)
+        raise
+
+
+def _keep_torn(io: DiskIO, directory: Path, number: int, buf: bytes, torn: BadRange) -> str:
+    """Copy a torn tail to `<dir>/torn/` before it is cut; say where, for the log.
+
+    A full disk only costs the copy (a warning says so): an unfinished write was never
+    acknowledged, and the journal must start to free space.
+    """
+    try:
+        return f"a copy is in {_keep(io, directory, TORN, number, buf, [torn])[0].path}"
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        return f"no copy kept: {exc}"
 
 
 def _without(buf: bytes, bad: list[BadRange], end: int) -> bytes:
@@ -192,15 +233,16 @@ def load(
     io: DiskIO, directory: Path, number: int, *, last: bool, apply: Callable[[Record], None]
 ) -> Loaded:
     """Read segment `number`, hand every valid record to `apply` in order, and repair
-    the file on disk.
+    the file on disk. No damaged byte is dropped without a copy.
 
-    A torn tail of the last segment is cut off (ftruncate + fsync, a warning). Every
-    other bad range (corrupt ranges anywhere, a bad tail of a non-last segment) is
-    copied to the quarantine directory and the segment is rewritten without it
-    (temp file, fsync, rename, directory fsync, an error log). The offsets `apply`
-    sees are those of the repaired file: a record's own, less the bad bytes before it.
-    Records are applied as they are found, so replay holds one segment's bytes and
-    nothing per record.
+    A torn tail of the last segment (an unfinished write) is copied to `<dir>/torn/`,
+    then cut off (ftruncate + fsync, a warning). Every other bad range (corrupt ranges
+    anywhere, including a whole but invalid last record; a bad tail of a non-last
+    segment) is copied to the quarantine directory and the segment is rewritten
+    without it (temp file, fsync, rename, directory fsync, an error log). The offsets
+    `apply` sees are those of the repaired file: a record's own, less the bad bytes
+    before it. Records are applied as they are found, so replay holds one segment's
+    bytes and nothing per record.
     """
     path = path_of(directory, number)
     buf = _read_all(io, path)
@@ -216,8 +258,9 @@ def load(
     torn = bad.pop() if bad and bad[-1].torn and last else None
     keep_end = torn.start if torn is not None else len(buf)
     loaded = Loaded(number, keep_end, records)
+    copy = _keep_torn(io, directory, number, buf, torn) if torn is not None else ""
     if bad:
-        loaded.quarantined = _quarantine(io, directory, number, buf, bad)
+        loaded.quarantined = _keep(io, directory, QUARANTINE, number, buf, bad)
         repaired = _without(buf, bad, keep_end)
         tmp = directory / f"{number:08d}{TMP_SUFFIX}"
         _write_file(io, tmp, repaired)
@@ -239,9 +282,10 @@ def load(
         loaded.torn_bytes = torn.length
         log.warning(
             "journal segment %s: torn tail of %d bytes at offset %d cut off "
-            "(an unfinished write, never acknowledged)",
+            "(an unfinished write, never acknowledged); %s",
             path,
             torn.length,
             torn.start,
+            copy,
         )
     return loaded

@@ -10,7 +10,8 @@ segments, or a cut tail together with flips - and starts a real server on it. Th
   a damaged record loses only its own job (or, for a DONE record, brings a finished job
   back: at-least-once), never a neighbour;
 - a torn tail of the last segment is cut at the last whole record (a WARNING says
-  where), and nothing is quarantined for it;
+  where), a copy of the cut bytes is kept in journal/torn, and nothing is quarantined
+  for it;
 - damage anywhere else is quarantined (files in journal/quarantine, one per damaged
   segment at least, holding the damaged bytes) and reported by an ERROR log line:
   never silently skipped.
@@ -194,11 +195,15 @@ def check_repairs(template: Template, damage: Damage, server: KqsProcess, journa
     if damage.torn_cut is not None:
         cut = len(damage.files[template.last])
         torn = log_lines(server, "WARNING", "torn tail")
+        copies = journal / "torn"
         if cut > damage.torn_cut:
             want = f"torn tail of {cut - damage.torn_cut} bytes at offset {damage.torn_cut} "
             assert any(want in line for line in torn), (damage.describe, torn)
+            copy = copies / f"{template.last:08d}-{damage.torn_cut}.bin"
+            assert copy.read_bytes() == damage.files[template.last][damage.torn_cut :]
         else:
             assert not torn, (damage.describe, torn)
+            assert not copies.exists(), damage.describe
 
 
 def _offset_and_size(path: Path) -> tuple[int, int]:

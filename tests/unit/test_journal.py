@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import shutil
 import threading
 from collections.abc import Awaitable, Callable
@@ -257,6 +258,59 @@ def test_a_full_disk_leaves_nothing_half_written(tmp_path: Path) -> None:
     asyncio.run(reopened.close())
 
 
+class UndoFailsIO(CountingIO):
+    """Writes find the disk full after half a batch, and undoing them fails with EIO:
+    `undo` names the call that fails (ftruncate for a batch in an existing segment,
+    unlink for a segment the batch created)."""
+
+    def __init__(self, undo: str) -> None:
+        super().__init__()
+        self.undo = undo
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        if self.undo == "ftruncate" and self.fail_write is not None:
+            raise OSError(errno.EIO, "injected")
+        super().ftruncate(fd, length)
+
+    def unlink(self, path: Path) -> None:
+        if self.undo == "unlink" and self.fail_write is not None and path.suffix == ".seg":
+            raise OSError(errno.EIO, "injected")
+        super().unlink(path)
+
+
+@pytest.mark.parametrize("undo", ["ftruncate", "unlink"])
+def test_a_failed_undo_after_a_full_disk_fails_the_journal(tmp_path: Path, undo: str) -> None:
+    io = UndoFailsIO(undo)
+    rotate = undo == "unlink"  # segment_bytes=1: every batch creates a segment
+    journal = Journal.open(tmp_path, io=io, segment_bytes=1 if rotate else 2**20)
+
+    async def go() -> None:
+        await journal.append_inserts([(jid(1), body(1))])
+        io.fail_write, io.half_write = errno.ENOSPC, True
+        results = await asyncio.gather(
+            *(journal.append_inserts([(jid(i), body(i))]) for i in range(2, 6)),
+            return_exceptions=True,
+        )
+        for r in results:  # never DiskFull: the file no longer matches the journal's offsets
+            assert isinstance(r, JournalFailed), r
+            assert "undoing it failed" in r.message
+            assert "until restarted" in r.message
+        assert journal.failed
+        io.fail_write = None
+        with pytest.raises(JournalFailed, match="undoing it failed"):
+            await journal.append_inserts([(jid(9), body(9))])
+        with pytest.raises(JournalFailed):
+            await journal.mark_done(jid(1))
+        assert list(journal.jobs) == [jid(1)]
+        await journal.close()
+
+    run(go)
+    reopened = Journal.open(tmp_path)  # whole records of the half batch may come back
+    assert next(iter(reopened.jobs)) == jid(1)  # (a false negative, never a false ack)
+    assert set(reopened.jobs) <= {jid(i) for i in range(1, 6)}
+    asyncio.run(reopened.close())
+
+
 class FullDiskIO(CountingIO):
     """A disk that is full until `space` is set: writes fail with ENOSPC, except into the
     room the deleted reserve file gave back."""
@@ -419,6 +473,53 @@ def test_buffered_fed_records_are_written_without_another_append(tmp_path: Path)
 # -- retirement and compaction ------------------------------------------------------------
 
 
+class DirectoryIO(DiskIO):
+    """Records segment creations, deletions and directory fsyncs, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
+        fd = super().open(path, flags, mode)
+        if flags & os.O_CREAT and path.suffix == ".seg":
+            self.events.append(("create", path.name))
+        return fd
+
+    def unlink(self, path: Path) -> None:
+        super().unlink(path)
+        if path.suffix == ".seg":
+            self.events.append(("unlink", path.name))
+
+    def fsync_dir(self, path: Path) -> None:
+        super().fsync_dir(path)
+        self.events.append(("fsync_dir", str(path)))
+
+
+def test_creating_or_deleting_a_segment_fsyncs_the_directory(tmp_path: Path) -> None:
+    io = DirectoryIO()
+    journal = Journal.open(tmp_path, io=io, segment_bytes=1, compact_ratio=0)
+
+    async def go() -> None:
+        await journal.append_inserts([(jid(1), body(1))])  # segment 1
+        await journal.append_inserts([(jid(2), body(2))])  # segment 2
+        await journal.mark_done(jid(1))  # segment 3; segment 1 goes
+        await journal.flush()
+        await journal.close()
+
+    run(go)
+    assert seg_files(tmp_path) == ["00000002.seg", "00000003.seg"]
+    events = io.events
+    changes = [i for i, (what, _) in enumerate(events) if what != "fsync_dir"]
+    assert [events[i] for i in changes] == [
+        ("create", "00000001.seg"),
+        ("create", "00000002.seg"),
+        ("create", "00000003.seg"),
+        ("unlink", "00000001.seg"),
+    ]
+    for i in changes:  # each one made durable before anything else happens
+        assert events[i + 1] == ("fsync_dir", str(tmp_path)), events[i]
+
+
 def test_segment_whose_jobs_are_all_done_is_deleted(tmp_path: Path) -> None:
     journal = Journal.open(tmp_path, segment_bytes=1, compact_ratio=0)  # a segment per batch
 
@@ -526,7 +627,9 @@ def test_copy_forward_keeps_its_segment_while_the_old_home_exists(tmp_path: Path
     big = {n: body(n) + b" " * 200 for n in range(10)}
 
     async def go() -> None:
-        await journal.append_inserts([(jid(0), body(0))])  # 1: A, long-lived
+        # 1: A, long-lived, and too big for a copy-forward to pay for the few small
+        # segments that it pins below
+        await journal.append_inserts([(jid(0), body(0) + b" " * 3000)])
         journal.note_fed(jid(0), 5)  # a record about A in segment 2 pins 2 while 1 exists
         await journal.append_inserts([(jid(n), big[n]) for n in (1, 2, 3, 4)])  # 2: J + K's
         await asyncio.gather(*(journal.mark_done(jid(n)) for n in (2, 3, 4)))  # 3
@@ -552,3 +655,45 @@ def test_copy_forward_keeps_its_segment_while_the_old_home_exists(tmp_path: Path
     reopened = Journal.open(tmp_path)
     assert list(reopened.jobs) == [jid(5)]
     asyncio.run(reopened.close())
+
+
+def test_long_lived_jobs_do_not_pin_a_growing_chain_of_segments(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path, segment_bytes=2048, compact_ratio=0.5)
+    pad = b" " * 200
+    long_lived = list(range(20))
+
+    async def go() -> list[tuple[str, JobEntry]]:
+        await journal.append_inserts([(jid(i), body(i) + pad) for i in long_lived])  # segment 1
+        journal.note_fed_many([(jid(i), 100 + i) for i in long_lived])
+        await journal.mark_dead(jid(0), b'{"error":"slow"}')  # segment 2, pinned by 1
+        most = 0
+        for n in range(100, 400):  # one job at a time in flight: each segment pins the last
+            await journal.append_inserts([(jid(n), body(n) + pad)])
+            if n > 100:
+                await journal.mark_done(jid(n - 1))
+            most = max(most, journal.stats().segments)
+        await journal.flush()
+        stats = journal.stats()
+        assert most <= 8, most  # sealed bytes stay within twice the live ones
+        assert stats.retired_segments >= 30  # of about 45 segments written
+        assert stats.copied_forward >= len(long_lived)
+        assert set(journal.jobs) == {jid(i) for i in [*long_lived, 399]}
+        assert await journal.read_bodies([jid(i) for i in long_lived]) == [
+            body(i) + pad for i in long_lived
+        ]
+        state = snapshot(journal)
+        await journal.close()
+        return state
+
+    before = run(go)
+    reopened = Journal.open(tmp_path, segment_bytes=2048)
+    assert snapshot(reopened) == before
+    assert [reopened.jobs[jid(i)].bid for i in long_lived] == [100 + i for i in long_lived]
+    assert reopened.jobs[jid(0)].dead == b'{"error":"slow"}'
+
+    async def bodies() -> list[bytes]:
+        out = await reopened.read_bodies([jid(i) for i in long_lived])
+        await reopened.close()
+        return out
+
+    assert run(bodies) == [body(i) + pad for i in long_lived]

@@ -140,6 +140,16 @@ def test_torn_tail_at_every_byte_of_the_last_record() -> None:
         assert [i.kind for i in items[:-1] if isinstance(i, Record)] == [Kind.INSERT, Kind.FED]
 
 
+@pytest.mark.parametrize("where", [6, HEADER_SIZE, HEADER_SIZE + 3, -1])
+def test_a_whole_but_invalid_last_record_is_corrupt_not_torn(where: int) -> None:
+    head = encode_insert("a", BODY) + encode_fed("a", 7)
+    last = bytearray(encode_insert("b", BODY))
+    last[where] ^= 0x40  # CRC field or bytes it covers: the frame stays whole
+    assert list(scan(head + bytes(last)))[-1] == BadRange(len(head), len(head) + len(last), False)
+    tail = list(scan(head + bytes(last) + b"\x00"))[-1]  # and garbage after it
+    assert tail == BadRange(len(head), len(head) + len(last) + 1, torn=False)
+
+
 @pytest.mark.parametrize("where", [0, 3, 7, HEADER_SIZE, HEADER_SIZE + 3, -1])
 def test_corrupt_middle_record_is_a_range_up_to_the_next_valid_one(where: int) -> None:
     first, middle, last = encode_insert("a", BODY), encode_insert("b", BODY), encode_done("a")

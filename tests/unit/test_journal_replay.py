@@ -78,9 +78,13 @@ def test_torn_tail_at_every_byte_of_the_last_record(
         assert journal.report.torn_bytes == cut - last
         assert (case / SEG1).stat().st_size == last
         assert journal.report.quarantined == ()
+        assert not (case / "quarantine").exists()  # a torn tail is not damage
         if cut > last:
+            copy = case / "torn" / f"00000001-{last}.bin"
+            assert copy.read_bytes() == data[last:cut]  # cut, but never without a copy
             assert f"torn tail of {cut - last} bytes at offset {last}" in caplog.text
             assert str(case / SEG1) in caplog.text
+            assert f"a copy is in {copy}" in caplog.text
 
         async def append_more(journal: Journal = journal) -> None:
             await journal.append_inserts([(jid(4), body(4))])
@@ -118,6 +122,53 @@ def test_corrupt_middle_record_is_quarantined_and_later_records_survive(
     assert again.report.quarantined == ()
     assert again.report.torn_bytes == 0
     close(again)
+
+
+def test_corrupt_last_record_of_the_last_segment_is_quarantined_not_cut(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_jobs(tmp_path, [[1], [2], [3]])
+    path = tmp_path / SEG1
+    data = bytearray(path.read_bytes())
+    last = record_offsets(bytes(data))[-1]
+    data[last + 20] ^= 0x01  # one flipped bit inside the last record's body: acknowledged
+    path.write_bytes(bytes(data))
+
+    with caplog.at_level(logging.WARNING, logger="kqs.journal"):
+        journal = reopen_and_check(tmp_path, [1, 2])
+    qfile = tmp_path / "quarantine" / f"00000001-{last}.bin"
+    assert journal.report.quarantined == (Quarantined(qfile, 1, last, len(data) - last),)
+    assert qfile.read_bytes() == bytes(data[last:])
+    assert journal.report.torn_bytes == 0
+    assert path.read_bytes() == bytes(data[:last])
+    assert "torn tail" not in caplog.text
+    assert any(
+        r.levelno == logging.ERROR
+        and str(path) in r.getMessage()
+        and f"offset {last}" in r.getMessage()
+        for r in caplog.records
+    )
+
+    async def more() -> None:
+        await journal.append_inserts([(jid(4), body(4))])
+        await journal.close()
+
+    asyncio.run(more())
+    close(reopen_and_check(tmp_path, [1, 2, 4]))
+
+
+def test_a_second_torn_tail_at_the_same_offset_keeps_the_first_copy(tmp_path: Path) -> None:
+    write_jobs(tmp_path, [[1], [2]])
+    path = tmp_path / SEG1
+    data = path.read_bytes()
+    last = record_offsets(data)[-1]
+    copies = tmp_path / "torn"
+    for n, cut in enumerate([last + 3, last + 9, last + 9], start=1):
+        path.write_bytes(data[:cut])
+        close(reopen_and_check(tmp_path, [1]))
+        assert len(list(copies.iterdir())) == min(n, 2)  # the same bytes again: no new copy
+    assert (copies / f"00000001-{last}.bin").read_bytes() == data[last : last + 3]
+    assert (copies / f"00000001-{last}-2.bin").read_bytes() == data[last : last + 9]
 
 
 def test_bad_tail_of_an_earlier_segment_is_quarantined_not_cut(tmp_path: Path) -> None:
