@@ -14,8 +14,15 @@ Contract:
   (kqs/offload.py) and a small reference is fed instead; with no store it is set aside,
   counted and reported.
 - Put outcomes other than INSERTED are handled on purpose: BURIED (beanstalkd could not
-  grow its queue) is kicked back to ready; DRAINING and OUT_OF_MEMORY back off and retry;
+  grow its queue) is kicked back to ready, and if the kick fails the buried copy is
+  deleted and the job put again; DRAINING and OUT_OF_MEMORY back off and retry;
   JOB_TOO_BIG goes the large-body way above.
+- Stale copies (of retried or purged dead jobs, of failed kicks, zeroed husks) are
+  deleted only after a `peek` shows the beanstalkd id still carries that copy. A copy
+  another connection has reserved cannot be deleted (beanstalkd answers NOT_FOUND); it is
+  held and tried again every STALE_RETRY_EVERY s until it is gone, for STALE_RETRY_FOR s.
+- An unexpected exception is logged with its traceback and feeding starts over on a new
+  connection after a backoff: the feeder never stops silently.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from kqs.backoff import Backoff
 from kqs.beanstalk import BeanstalkError, BeanstalkUnavailable, PutItem, PutResult
@@ -36,6 +43,13 @@ from kqs.offload import Offloader
 from kqs.store import BulkStore
 
 log = logging.getLogger("kqs.feeder")
+
+STALE_RETRY_EVERY = 1.0
+"""Seconds between attempts at deleting stale copies another connection holds."""
+STALE_RETRY_FOR = 3600.0
+"""Seconds after which such a copy is given up on (its TTR has long passed by then)."""
+STALE_RETRY_MAX = 10_000
+"""At most this many such copies are held; beyond it the oldest is given up on."""
 
 
 class FedEntry(Protocol):
@@ -71,6 +85,8 @@ class FeedConnection(Protocol):
 
     async def delete(self, job_id: int) -> bool: ...
 
+    async def stats_job(self, job_id: int) -> dict[str, str | int | float] | None: ...
+
     async def list_tubes(self) -> list[str]: ...
 
     async def stats_tube(self, tube: str) -> dict[str, str | int | float] | None: ...
@@ -97,6 +113,15 @@ class FeedItem:
         return FeedItem(job.id, job.type, job.prio, job.ttr, job.ts + job.delay, body)
 
 
+class StaleCopy(NamedTuple):
+    """A beanstalkd job to delete: `bid`, if it still carries a copy of kqs job `job_id`
+    that the journal does not name as the job's live copy; with `job_id` "", if its
+    body is zeroed (a husk restored from a torn binlog record)."""
+
+    bid: int
+    job_id: str
+
+
 @dataclass(slots=True)
 class FeederStats:
     fed: int = 0
@@ -107,6 +132,16 @@ class FeederStats:
     reconnects: int = 0
     verified: int = 0
     last_error: str = ""
+
+
+@dataclass(slots=True)
+class _PutOutcome:
+    """A batch's put results, sorted: fed as (job id, bid), buried as (item, bid), and
+    items to put again."""
+
+    fed: list[tuple[str, int]]
+    buried: list[tuple[FeedItem, int]]
+    retry: list[FeedItem]
 
 
 def carries(body: bytes, job_id: str) -> bool:
@@ -152,10 +187,15 @@ class Feeder:
         self._client: FeedConnection | None = None
         self._instance: tuple[object, object] | None = None
         self._verify = True
-        self._discard: list[int] = []
+        self._discard: list[StaleCopy] = []
+        # stale copies another connection held, with when that was first seen (monotonic)
+        self._held: dict[StaleCopy, float] = {}
+        self._next_held_retry = 0.0
         self.too_big: dict[str, str] = {}
         self.stats = FeederStats()
-        #: bodies longer than this go through the bulk store (beanstalkd's max-job-size)
+        self._smallest_limit = max_body
+        # jobs offloaded because beanstalkd answered JOB_TOO_BIG (maybe within max_body)
+        self._refused_big: set[str] = set()
         self.max_body = max_body
         self.offloader = (
             Offloader(store, journal, clock, self._offloaded, node=node) if store else None
@@ -176,11 +216,26 @@ class Feeder:
         self._idle.clear()
         self._wake.set()
 
-    def discard(self, bids: Iterable[int]) -> None:
-        """Delete these beanstalkd jobs (stale copies, e.g. of retried or purged dead jobs)
-        when next connected; best effort."""
-        self._discard.extend(bids)
+    def discard(self, copies: Iterable[StaleCopy]) -> None:
+        """Delete these stale copies (e.g. of retried or purged dead jobs) when next
+        connected, and later if a runner holds one; best effort."""
+        self._discard.extend(copies)
         self._wake.set()
+
+    @property
+    def stale_copies(self) -> int:
+        """Stale copies not deleted yet: asked for, or held by another connection."""
+        return len(self._discard) + len(self._held)
+
+    @property
+    def max_body(self) -> int:
+        """Bodies longer than this go through the bulk store (beanstalkd's max-job-size)."""
+        return self._max_body
+
+    @max_body.setter
+    def max_body(self, limit: int) -> None:
+        self._max_body = limit
+        self._smallest_limit = min(self._smallest_limit, limit)
 
     async def tube_stats(self) -> dict[str, dict[str, str | int | float]]:
         """beanstalkd's stats-tube for every tube; empty while beanstalkd is unreachable."""
@@ -221,12 +276,23 @@ class Feeder:
         self.submit([FeedItem.of(job, reference)])
 
     def forget(self, job_id: str, length: int) -> None:
-        """A job is finished: drop its bulk payload if it had one."""
-        if self.offloader is not None and length > self.max_body:
+        """A job is finished (done, or purged): delete its bulk payload if it may have one.
+
+        Every job this process offloaded is covered: it was longer than the limit of the
+        moment, so longer than the smallest limit since start, or beanstalkd refused it
+        with JOB_TOO_BIG. (Jobs offloaded before a restart of kqs are covered when that
+        limit was no larger; `collect` catches the rest.) A delete of a missing payload
+        is harmless."""
+        if self.offloader is None:
+            return
+        refused = job_id in self._refused_big
+        self._refused_big.discard(job_id)
+        if refused or length > self._smallest_limit:
             self.offloader.forget(job_id)
 
     async def run(self) -> None:
-        """Feed until `stop()`; never raises for beanstalkd trouble."""
+        """Feed until `stop()`; never raises (beanstalkd trouble and bugs are logged and
+        retried after a backoff)."""
         offload = asyncio.create_task(self.offloader.run()) if self.offloader else None
         try:
             await self._feed_loop()
@@ -236,24 +302,35 @@ class Feeder:
                 await offload
 
     async def _feed_loop(self) -> None:
+        """Feed until stopped. beanstalkd trouble and bugs alike end in a new connection
+        after a backoff; a bug is logged with its traceback, and its message kept in
+        `stats.last_error`."""
         while not self._stopping:
             try:
-                client = await self._connected()
-                if client is None:
-                    continue
-                if self._verify:
-                    await self._verify_fed(client)
-                if self._discard:
-                    await self._delete_discarded(client)
-                if not self._queue and not self._discard:
-                    self._idle.set()
-                    if not await self._wait_for_work():
-                        await self._check_instance(client)
-                    continue
-                await self._feed_batch(client)
+                await self._feed_step()
             except (BeanstalkUnavailable, BeanstalkError, OSError) as exc:
-                await self._lost(exc)
+                if self._client is not None:
+                    log.warning("beanstalkd connection lost: %s: %s", type(exc).__name__, exc)
+                await self._start_over(exc)
+            except Exception as exc:
+                log.exception("the feeder failed; it starts over on a new connection")
+                await self._start_over(exc)
         await self._disconnect()
+
+    async def _feed_step(self) -> None:
+        """One round: connect if needed, verify, delete stale copies, put one batch (or
+        wait for work)."""
+        client = await self._connected()
+        if self._verify:
+            await self._verify_fed(client)
+        if self._discard or self._held_due():
+            await self._delete_stale(client)
+        if not self._queue and not self._discard:
+            self._idle.set()
+            if not await self._wait_for_work():
+                await self._check_instance(client)
+            return
+        await self._feed_batch(client)
 
     async def drain(self, within: float) -> bool:
         """Wait up to `within` seconds for the queue to empty; True if it did."""
@@ -269,7 +346,7 @@ class Feeder:
 
     # -- connection ----------------------------------------------------------------
 
-    async def _connected(self) -> FeedConnection | None:
+    async def _connected(self) -> FeedConnection:
         if self._client is not None:
             if self._client.broken:
                 raise BeanstalkUnavailable("connection to beanstalkd lost")
@@ -291,22 +368,25 @@ class Feeder:
         if instance != self._instance:
             if self._instance is not None:
                 log.warning("beanstalkd is a new process; checking every fed job")
+                # held ids named jobs of the old process: check them anew on this one
+                self._discard.extend(self._held)
+                self._held.clear()
             self._instance = instance
             self._verify = True
 
-    async def _lost(self, exc: Exception) -> None:
+    async def _start_over(self, exc: Exception) -> None:
+        """After an error: keep it for `stats`, drop the connection, back off."""
         self.stats.last_error = f"{type(exc).__name__}: {exc}"
-        if self._client is not None:
-            log.warning("beanstalkd connection lost: %s", self.stats.last_error)
         await self._disconnect()
         self.stats.reconnects += 1
         if not self._stopping:
             await self._clock.sleep(self._backoff.next())
 
     async def _disconnect(self) -> None:
+        """Drop the connection; closing it cannot fail."""
         client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(BeanstalkUnavailable, OSError):
+            with contextlib.suppress(Exception):
                 await client.close()
 
     async def _wait_for_work(self) -> bool:
@@ -360,6 +440,13 @@ class Feeder:
         self._too_big(job_id, size)
         return True
 
+    def _refused_as_too_big(self, job_id: str, size: int) -> None:
+        """beanstalkd answered JOB_TOO_BIG: offload the job all the same, and remember it
+        (its payload must be deleted at finish though it may be within `max_body`)."""
+        if self.offloader is not None:
+            self._refused_big.add(job_id)
+        self._too_big(job_id, size)
+
     def _too_big(self, job_id: str, size: int) -> None:
         if self.offloader is not None:
             self.offloader.submit(job_id)
@@ -382,6 +469,7 @@ class Feeder:
             self._in_batch = 0
 
     async def _put(self, client: FeedConnection, items: list[FeedItem]) -> None:
+        """Put one batch; record where each job went; queue again what was refused."""
         if not items:
             return
         now = self._clock.time()
@@ -391,38 +479,21 @@ class Feeder:
         try:
             results = await client.put_batch(puts)
         except BeanstalkUnavailable as exc:
-            # The puts answered INSERTED before the connection broke took effect: keep
-            # their bids, and put again only from the first other one on.
-            done: list[tuple[str, int]] = []
-            for item, res in zip(items, exc.partial, strict=False):
-                if res.status != "INSERTED" or res.id is None:
-                    break
-                done.append((item.job_id, res.id))
-            self._journal.note_fed_many(done)
-            self.stats.fed += len(done)
-            self._queue.extendleft(reversed(items[len(done) :]))
+            # The puts answered before the connection broke took effect: keep those,
+            # and put again the rest (buried ones too: their copy is deleted later).
+            sorted_out = self._sort_out(items, exc.partial)
+            self._record_fed(sorted_out.fed)
+            self._drop_buried(sorted_out.buried, sorted_out.retry)
+            self._queue.extendleft(reversed(sorted_out.retry))
             raise
         except BaseException:
             self._queue.extendleft(reversed(items))
             raise
-        retry: list[FeedItem] = []
-        kicks: list[int] = []
-        fed: list[tuple[str, int]] = []
-        for item, res in zip(items, results, strict=True):
-            if res.status in ("INSERTED", "BURIED") and res.id is not None:
-                fed.append((item.job_id, res.id))
-                if res.status == "BURIED":
-                    self.stats.buried_on_put += 1
-                    kicks.append(res.id)
-            elif res.status == "JOB_TOO_BIG":
-                self._too_big(item.job_id, len(item.body))
-            else:  # DRAINING, OUT_OF_MEMORY, EXPECTED_CRLF: beanstalkd cannot take it now
-                retry.append(item)
-                self.stats.last_error = f"put answered {res.status}"
-        self._journal.note_fed_many(fed)
-        self.stats.fed += len(fed)
-        for bid in kicks:
-            await client.kick_job(bid)
+        sorted_out = self._sort_out(items, results)
+        kicked, unkicked = await self._kick(client, sorted_out.buried)
+        self._record_fed(sorted_out.fed + kicked)
+        self._drop_buried(unkicked, sorted_out.retry)
+        retry = sorted_out.retry
         if retry:
             self.stats.put_retries += len(retry)
             self._queue.extendleft(reversed(retry))
@@ -433,9 +504,136 @@ class Feeder:
         else:
             self._backoff.reset()
 
-    async def _delete_discarded(self, client: FeedConnection) -> None:
-        bids, self._discard = self._discard, []
-        await asyncio.gather(*(client.delete(b) for b in bids))
+    def _sort_out(self, items: list[FeedItem], results: Sequence[PutResult]) -> _PutOutcome:
+        """Sort put results (as many as came, in order) into fed, buried and to retry;
+        items past the last result are to retry. JOB_TOO_BIG is offloaded here."""
+        out = _PutOutcome([], [], [])
+        for item, res in zip(items, results, strict=False):
+            if res.status == "INSERTED" and res.id is not None:
+                out.fed.append((item.job_id, res.id))
+            elif res.status == "BURIED" and res.id is not None:
+                self.stats.buried_on_put += 1
+                out.buried.append((item, res.id))
+            elif res.status == "JOB_TOO_BIG":
+                self._refused_as_too_big(item.job_id, len(item.body))
+            else:  # DRAINING, OUT_OF_MEMORY, EXPECTED_CRLF: beanstalkd cannot take it now
+                out.retry.append(item)
+                self.stats.last_error = f"put answered {res.status}"
+        out.retry += items[len(results) :]
+        return out
+
+    def _record_fed(self, fed: list[tuple[str, int]]) -> None:
+        self._journal.note_fed_many(fed)
+        self.stats.fed += len(fed)
+
+    async def _kick(
+        self, client: FeedConnection, buried: list[tuple[FeedItem, int]]
+    ) -> tuple[list[tuple[str, int]], list[tuple[FeedItem, int]]]:
+        """Kick jobs buried on put back to ready: (kicked as (job id, bid), the others).
+        A kick that fails (NOT_FOUND, an error status, a lost connection) is not raised."""
+        if not buried:
+            return [], []
+        answers = await asyncio.gather(
+            *(client.kick_job(bid) for _, bid in buried), return_exceptions=True
+        )
+        kicked: list[tuple[str, int]] = []
+        failed: list[tuple[FeedItem, int]] = []
+        for (item, bid), answer in zip(buried, answers, strict=True):
+            if answer is True:
+                kicked.append((item.job_id, bid))
+                continue
+            if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+                raise answer
+            failed.append((item, bid))
+            why = "NOT_FOUND" if answer is False else f"{type(answer).__name__}: {answer}"
+            self.stats.last_error = f"kick-job {bid} after a BURIED put failed: {why}"
+            log.warning(
+                "%s; deleting it and putting job %s again", self.stats.last_error, item.job_id
+            )
+        return kicked, failed
+
+    def _drop_buried(self, buried: list[tuple[FeedItem, int]], retry: list[FeedItem]) -> None:
+        """Buried copies that stay buried: delete them, and put their jobs again."""
+        self.discard(StaleCopy(bid, item.job_id) for item, bid in buried)
+        retry += [item for item, _ in buried]
+
+    # -- stale copies ------------------------------------------------------------------
+
+    def _held_due(self) -> bool:
+        """True if held stale copies are due for another try."""
+        return bool(self._held) and self._clock.monotonic() >= self._next_held_retry
+
+    async def _delete_stale(self, client: FeedConnection) -> None:
+        """Delete the stale copies asked for that are still stale, and try again the held
+        ones when due; hold those another connection has reserved. On a lost connection
+        the copies asked for are asked for again."""
+        asked, self._discard = self._discard, []
+        due = list(self._held) if self._held_due() else []
+        try:
+            asked = await self._still_stale(client, asked)
+            undeletable = await self._delete_copies(client, asked + due)
+        except BaseException:
+            self._discard[:0] = asked
+            raise
+        self._settle_held(asked, due, set(undeletable))
+
+    async def _still_stale(
+        self, client: FeedConnection, copies: list[StaleCopy]
+    ) -> list[StaleCopy]:
+        """The copies whose beanstalkd id still carries what was to be deleted (an id of
+        a restarted beanstalkd may name another job now)."""
+        if not copies:
+            return []
+        bodies = await client.peek_batch([c.bid for c in copies])
+        jobs = self._journal.jobs
+        stale: list[StaleCopy] = []
+        for copy, body in zip(copies, bodies, strict=True):
+            if body is None:
+                continue
+            if copy.job_id == "":
+                matches = zeroed(body)
+            else:
+                live = jobs.get(copy.job_id)
+                matches = carries(body, copy.job_id) and (live is None or live.bid != copy.bid)
+            if matches:
+                stale.append(copy)
+        return stale
+
+    async def _delete_copies(
+        self, client: FeedConnection, copies: list[StaleCopy]
+    ) -> list[StaleCopy]:
+        """Delete the copies; return those beanstalkd still has (reserved by another
+        connection, so NOT_FOUND to our delete)."""
+        if not copies:
+            return []
+        deleted = await asyncio.gather(*(client.delete(c.bid) for c in copies))
+        missed = [c for c, ok in zip(copies, deleted, strict=True) if not ok]
+        found = await asyncio.gather(*(client.stats_job(c.bid) for c in missed))
+        return [c for c, info in zip(missed, found, strict=True) if info is not None]
+
+    def _settle_held(
+        self, asked: list[StaleCopy], due: list[StaleCopy], undeletable: set[StaleCopy]
+    ) -> None:
+        """Update the held copies after a round of deletes: drop those gone, give up on
+        those held too long (or too many), hold the new ones."""
+        now = self._clock.monotonic()
+        for copy in due:
+            if copy not in undeletable:
+                del self._held[copy]
+            elif now - self._held[copy] > STALE_RETRY_FOR:
+                del self._held[copy]
+                log.warning("giving up deleting stale beanstalkd job %d: still reserved", copy.bid)
+        if due:
+            self._next_held_retry = now + STALE_RETRY_EVERY
+        for copy in asked:
+            if copy in undeletable and copy not in self._held:
+                if not self._held:
+                    self._next_held_retry = now + STALE_RETRY_EVERY
+                self._held[copy] = now
+        while len(self._held) > STALE_RETRY_MAX:
+            oldest = next(iter(self._held))
+            del self._held[oldest]
+            log.warning("giving up deleting stale beanstalkd job %d: too many held", oldest.bid)
 
     async def _verify_fed(self, client: FeedConnection) -> None:
         """Peek every job believed fed; queue again those beanstalkd no longer carries."""
@@ -459,4 +657,4 @@ class Feeder:
             self._wake.set()
         if garbage:
             log.warning("deleting %d beanstalkd jobs whose bodies are zeroed", len(garbage))
-            self.discard(garbage)
+            self.discard(StaleCopy(bid, "") for bid in garbage)

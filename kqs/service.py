@@ -27,7 +27,7 @@ from kqs.errors import (
     ShuttingDown,
     Unavailable,
 )
-from kqs.feeder import Feeder, FeedItem
+from kqs.feeder import Feeder, FeedItem, StaleCopy
 from kqs.journal import Journal
 from kqs.model import TUBE_RE, IdGenerator, Job, JobSpec, dumps_kept, parse_job
 from kqs.store import StoreUnavailable
@@ -72,6 +72,8 @@ class Service:
         self.accepted = 0
         self.finished: Counter[str] = Counter({"done": 0, "dead": 0})
         self.finished_by_type: dict[str, Counter[str]] = {}
+        #: ids whose finish is being journaled: a concurrent finish of one is not_found
+        self._finishing: set[str] = set()
         #: what `stats` says of beanstalkd besides reachability (address, pid, restarts)
         self.beanstalkd_info: Callable[[], dict[str, Any]] = dict
         for job_id in journal.jobs:
@@ -126,15 +128,11 @@ class Service:
         With an array, each item gets its own result or error, in order."""
         if isinstance(params, dict):
             return await self._finish_one(params)
-        seen: set[str] = set()
-        calls = []
-        for item in params:
-            job_id = item.get("id") if isinstance(item, dict) else None
-            duplicate = isinstance(job_id, str) and job_id in seen
-            if isinstance(job_id, str):
-                seen.add(job_id)
-            calls.append(self._finish_one(item, duplicate=duplicate))
-        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        # The items start in order, each claiming its id before its first await: a
+        # repeated id is not_found like any concurrent finish of one job.
+        outcomes = await asyncio.gather(
+            *(self._finish_one(item) for item in params), return_exceptions=True
+        )
         results: list[dict[str, Any]] = []
         for item, out in zip(params, outcomes, strict=True):
             if isinstance(out, KqsError):
@@ -147,7 +145,9 @@ class Service:
                 results.append(out)
         return {"results": results}
 
-    async def _finish_one(self, params: Any, *, duplicate: bool = False) -> dict[str, Any]:
+    async def _finish_one(self, params: Any) -> dict[str, Any]:
+        """Validate one outcome, claim its job, journal it. not_found for a job with no
+        unfinished entry, one already being finished, or (for dead) one already dead."""
         if not isinstance(params, dict):
             raise InvalidParams('a finish is an object: {"id": ..., "outcome": "done"|"dead"}')
         job_id, outcome, error = params.get("id"), params.get("outcome"), params.get("error")
@@ -163,16 +163,20 @@ class Service:
         if type_ is not None and not isinstance(type_, str):
             raise InvalidParams("'type' must be a string when given")
         entry = self.journal.jobs.get(job_id)
-        if entry is None or duplicate:
+        if entry is None or job_id in self._finishing:
             raise NotFound(f"no unfinished job {job_id} on this server (already finished?)")
-        if outcome == "done":
-            await self.journal.mark_done(job_id)
-            self.feeder.forget(job_id, entry.length)
-        else:
-            if entry.dead is not None:
-                raise NotFound(f"job {job_id} is already dead")
-            info = {"error": error, "at": self.clock.time(), "attempts": attempts}
-            await self.journal.mark_dead(job_id, dumps_kept(info))
+        if outcome == "dead" and entry.dead is not None:
+            raise NotFound(f"job {job_id} is already dead")
+        self._finishing.add(job_id)
+        try:
+            if outcome == "done":
+                await self.journal.mark_done(job_id)
+                self.feeder.forget(job_id, entry.length)
+            else:
+                info = {"error": error, "at": self.clock.time(), "attempts": attempts}
+                await self.journal.mark_dead(job_id, dumps_kept(info))
+        finally:
+            self._finishing.discard(job_id)
         self.finished[outcome] += 1
         if type_ is not None:
             self.finished_by_type.setdefault(type_, Counter())[outcome] += 1
@@ -259,9 +263,9 @@ class Service:
     async def retry(self, params: Any) -> dict[str, Any]:
         """Feed dead jobs again with attempts reset (a new beanstalkd job each)."""
         ids = await self._select_dead(params, allow_all=False)
-        stale = [self.journal.jobs[i].bid for i in ids]
+        stale = [StaleCopy(self.journal.jobs[i].bid, i) for i in ids]
         await asyncio.gather(*(self.journal.revive(i) for i in ids))
-        self.feeder.discard(b for b in stale if b)
+        self.feeder.discard(s for s in stale if s.bid)
         self.feeder.resubmit(ids)
         return {"retried": len(ids)}
 
@@ -270,7 +274,7 @@ class Service:
         ids = await self._select_dead(params, allow_all=True)
         entries = [self.journal.jobs[i] for i in ids]
         await asyncio.gather(*(self.journal.purge(i) for i in ids))
-        self.feeder.discard(e.bid for e in entries if e.bid)
+        self.feeder.discard(StaleCopy(e.bid, i) for i, e in zip(ids, entries, strict=True) if e.bid)
         for job_id, entry in zip(ids, entries, strict=True):
             self.feeder.forget(job_id, entry.length)
         return {"purged": len(ids)}

@@ -2,14 +2,48 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import greenstalk
+import orjson
 import pytest
 
 from kqs.client import Client, RemoteError
 from tests.integration.helpers import beanstalk_contents, kqs_stats, wait_fed
 from tests.support import BeanstalkdProcess, KqsProcess, wait_until
+
+
+class Pipeline:
+    """A raw connection that sends many requests at once and reads replies as they
+    come (in order of completion): what makes requests run concurrently on the server."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, *requests: tuple[Any, str, Any]) -> None:
+        """Write (id, method, params) requests in one go."""
+        lines = [orjson.dumps({"id": i, "method": m, "params": p}) for i, m, p in requests]
+        self.sock.sendall(b"\n".join(lines) + b"\n")
+
+    def read(self) -> dict[str, Any]:
+        """The next reply line."""
+        line = self.file.readline()
+        assert line, "the server closed the connection"
+        reply: dict[str, Any] = orjson.loads(line)
+        return reply
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.file.close()
+        self.sock.close()
 
 
 def declare_dead(c: Client, ids: list[str], type_: str) -> None:
@@ -152,3 +186,61 @@ def test_stats_type_default_does_not_count_kqs_as_its_runner(kqs: KqsProcess) ->
     assert types["default"]["ready"] == 1
     assert types["default"]["runners"] == 0
     assert types["default"]["unattended"] is True
+
+
+@pytest.mark.parametrize("outcome", ["done", "dead"])
+def test_two_concurrent_finishes_of_one_job_succeed_once(kqs: KqsProcess, outcome: str) -> None:
+    with Client("127.0.0.1", kqs.port) as c:
+        job_id = c.insert("twice")
+    finish = {"id": job_id, "outcome": outcome, "type": "twice"}
+    with Pipeline(kqs.port) as p:
+        p.send((1, "finish", finish), (2, "finish", finish))
+        replies = {r["id"]: r for r in (p.read(), p.read())}
+    results = sorted(("result" in r, r.get("error", {}).get("code")) for r in replies.values())
+    assert results == [(False, "not_found"), (True, None)]
+    stats = kqs_stats(kqs.port)
+    assert stats["finished"][outcome] == 1
+    assert stats["types"]["twice"][outcome] == 1
+
+
+def test_purging_a_dead_job_deletes_its_bulk_payload(server: KqsProcess) -> None:
+    bulk = server.data_dir / "bulk"
+
+    def payloads() -> list[Path]:
+        return [p for p in bulk.rglob("*") if p.is_file() and ".tmp" not in p.name]
+
+    with Client("127.0.0.1", server.port) as c:
+        job_id = c.insert("large", "z" * 100_000)  # over beanstalkd's 65535 bytes
+        wait_fed(server.port)
+        assert len(payloads()) == 1
+        declare_dead(c, [job_id], "large")
+        assert len(payloads()) == 1  # a dead job keeps its payload: it can be retried
+        assert c.call("purge", {"id": job_id}) == {"purged": 1}
+    wait_until(lambda: not payloads(), timeout=10, what="payload deleted")
+
+
+def test_stats_per_type_tells_ready_reserved_delayed_buried_and_dead_apart(
+    kqs: KqsProcess, beanstalkd: BeanstalkdProcess
+) -> None:
+    with Client("127.0.0.1", kqs.port) as c:
+        c.call("insert", [{"type": "t", "delay": 3600}, {"type": "t"}, {"type": "t"}])
+        c.insert("t")
+        wait_fed(kqs.port)
+        with greenstalk.Client((beanstalkd.host, beanstalkd.port), watch="t") as runner:
+            held = runner.reserve(timeout=5)
+            failed = runner.reserve(timeout=5)
+            job_id = orjson.loads(failed.body)["id"]
+            c.call("finish", {"id": job_id, "outcome": "dead", "type": "t", "error": "x"})
+            runner.bury(failed)
+            types = kqs_stats(kqs.port)["types"]
+            runner.release(held)
+    assert types["t"] == {
+        "ready": 1,
+        "reserved": 1,
+        "delayed": 1,
+        "buried": 1,
+        "runners": 1,
+        "done": 0,
+        "dead": 1,
+        "unattended": False,
+    }

@@ -21,6 +21,7 @@ from tests.integration.helpers import (
     kqs_stats,
     wait_fed,
 )
+from tests.integration.test_admin import Pipeline
 from tests.support import BeanstalkdProcess, KqsProcess, wait_until
 
 CLIENTS = 16
@@ -181,5 +182,32 @@ def test_sigterm_drains_and_exits_zero_keeping_every_job(
     server.start()
     try:
         check_all_present(server, ins.acked)
+    finally:
+        server.kill()
+
+
+def test_draining_refuses_new_inserts_and_keeps_those_in_flight(
+    tmp_path: Path, beanstalkd: BeanstalkdProcess
+) -> None:
+    """`quit` arrives while an insert waits for its fsync: that insert is still
+    acknowledged, and survives; an insert sent once draining began is `shutting_down`."""
+    server = KqsProcess(tmp_path / "data", beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}")
+    server.start()
+    jobs = [{"type": "drain", "data": ["x" * 100, i]} for i in range(5000)]
+    try:
+        with Pipeline(server.port) as p:
+            p.send((1, "insert", jobs), (2, "quit", {}))  # one write: both in flight
+            first = p.read()
+            assert first == {"id": 2, "result": "shutting down"}
+            p.send((3, "insert", {"type": "drain"}))
+            replies = {r["id"]: r for r in (p.read(), p.read())}
+        assert replies[3]["error"]["code"] == "shutting_down"
+        acked = replies[1]["result"]["ids"]
+        assert len(acked) == len(jobs)
+        assert server.proc is not None
+        assert server.proc.wait(30) == 0
+        server.start()
+        assert kqs_stats(server.port)["live_jobs"] == len(jobs)
+        check_all_present(server, acked)
     finally:
         server.kill()

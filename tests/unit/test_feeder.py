@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -10,8 +11,9 @@ import pytest
 
 from kqs.beanstalk import BeanstalkUnavailable, PutItem, PutResult, PutStatus
 from kqs.clock import ManualClock
-from kqs.feeder import Feeder, FeedItem, carries
+from kqs.feeder import STALE_RETRY_FOR, Feeder, FeedItem, StaleCopy, carries
 from kqs.model import Job
+from kqs.store import MemoryStore
 
 
 @dataclass
@@ -25,6 +27,7 @@ class FakeJournal:
     def __init__(self) -> None:
         self.jobs: dict[str, Entry] = {}
         self.bodies: dict[str, bytes] = {}
+        self.failing_reads = 0  # the next reads raise an unexpected error
 
     def add(self, job: Job) -> FeedItem:
         body = job.body()
@@ -38,6 +41,9 @@ class FakeJournal:
                 self.jobs[job_id].bid = bid
 
     async def read_bodies(self, job_ids: Sequence[str]) -> list[bytes]:
+        if self.failing_reads:
+            self.failing_reads -= 1
+            raise RuntimeError("a bug in the journal")
         return [self.bodies[j] for j in job_ids]
 
 
@@ -53,6 +59,10 @@ class FakeBeanstalk:
         self.kicked: list[int] = []
         self.put_calls = 0
         self.cut_after: int | None = None  # the next put_batch breaks after this many puts
+        self.kick: list[str] = []  # how the next kicks go: "not_found" or "broken"
+        self.max_job_size: int | None = None  # reported by stats when set
+        self.reserved_elsewhere: set[int] = set()  # jobs another connection holds
+        self.deletes: list[int] = []  # every delete asked for
 
     def restart(self, *, lose_jobs: bool) -> None:
         self.instance += "'"
@@ -99,16 +109,38 @@ class FakeConnection:
 
     async def kick_job(self, job_id: int) -> bool:
         self._check()
+        how = self.server.kick.pop(0) if self.server.kick else "kicked"
+        if how == "broken":
+            self.cut = True
+            raise BeanstalkUnavailable("connection reset during kick")
+        found = self.server.jobs.get(job_id)
+        if how == "not_found" or found is None or found[1] != "BURIED":
+            return False
         self.server.kicked.append(job_id)
+        self.server.jobs[job_id] = (found[0], "INSERTED")
         return True
 
     async def stats(self) -> dict[str, str | int | float]:
         self._check()
-        return {"id": self.server.instance, "pid": 1}
+        stats: dict[str, str | int | float] = {"id": self.server.instance, "pid": 1}
+        if self.server.max_job_size is not None:
+            stats["max-job-size"] = self.server.max_job_size
+        return stats
 
     async def delete(self, job_id: int) -> bool:
         self._check()
+        self.server.deletes.append(job_id)
+        if job_id in self.server.reserved_elsewhere:
+            return False  # beanstalkd's answer for a job reserved by another connection
         return self.server.jobs.pop(job_id, None) is not None
+
+    async def stats_job(self, job_id: int) -> dict[str, str | int | float] | None:
+        self._check()
+        found = self.server.jobs.get(job_id)
+        if found is None:
+            return None
+        state = "reserved" if job_id in self.server.reserved_elsewhere else "ready"
+        return {"id": job_id, "state": state}
 
     async def list_tubes(self) -> list[str]:
         self._check()
@@ -123,13 +155,22 @@ class FakeConnection:
         pass
 
 
-def make(server: FakeBeanstalk, journal: FakeJournal, clock: ManualClock) -> Feeder:
+def make(
+    server: FakeBeanstalk,
+    journal: FakeJournal,
+    clock: ManualClock,
+    *,
+    store: MemoryStore | None = None,
+    max_body: int = 65535,
+) -> Feeder:
     async def connect() -> FakeConnection:
         if not server.up:
             raise BeanstalkUnavailable("connection refused")
         return FakeConnection(server)
 
-    return Feeder(journal, connect, clock, batch=3, heartbeat=0.01)
+    return Feeder(
+        journal, connect, clock, batch=3, heartbeat=0.01, store=store, node="n", max_body=max_body
+    )
 
 
 def job(n: int, *, delay: int = 0, ts: float = 1_700_000_000.0) -> Job:
@@ -329,3 +370,177 @@ def test_carries_matches_only_its_own_body() -> None:
     assert carries(body, "n-0007")
     assert not carries(body, "n-000")
     assert not carries(b'{"id":"n-0008"}', "n-0007")
+
+
+@pytest.mark.parametrize("kick", ["not_found", "broken"])
+def test_a_buried_put_whose_kick_fails_ends_up_ready(kick: str) -> None:
+    """BURIED on put, then the kick fails (NOT_FOUND, or the connection breaks): the
+    buried copy is deleted and the job fed again, so exactly one ready copy is left and
+    the journal names it."""
+
+    async def body() -> None:
+        server, journal, clock = FakeBeanstalk(), FakeJournal(), ManualClock()
+        server.answers, server.kick = ["BURIED"], [kick]
+        feeder = make(server, journal, clock)
+        task = asyncio.create_task(feeder.run())
+        feeder.submit([journal.add(job(1))])
+
+        def settled() -> bool:
+            states = [status for _, status in server.jobs.values()]
+            return states == ["INSERTED"] and feeder.pending == 0
+
+        await until(settled, "one ready copy")
+        (bid,) = server.jobs
+        assert journal.jobs["n-0001"].bid == bid
+        assert feeder.stats.buried_on_put == 1
+        feeder.stop()
+        await task
+
+    run(body)
+
+
+def test_an_unexpected_error_is_logged_and_feeding_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body() -> None:
+        server, journal, clock = FakeBeanstalk(), FakeJournal(), ManualClock()
+        journal.failing_reads = 2
+        feeder = make(server, journal, clock)
+        for i in range(4):
+            journal.add(job(i))
+        feeder.load()  # ids only: bodies are read from the journal
+        task = asyncio.create_task(feeder.run())
+        await until(lambda: feeder.stats.fed == 4 or task.done(), "fed despite the errors")
+        assert not task.done()
+        assert in_beanstalk(server) == set(journal.jobs)
+        assert "a bug in the journal" in feeder.stats.last_error
+        assert len(clock.slept) >= 2  # backed off before trying again
+        feeder.stop()
+        await task
+
+    with caplog.at_level(logging.ERROR, logger="kqs.feeder"):
+        run(body)
+    logged = [r for r in caplog.records if r.exc_info is not None]
+    assert len(logged) == 2
+    assert "a bug in the journal" in str(logged[0].exc_info[1] if logged[0].exc_info else "")
+
+
+def big_job(n: int, size: int) -> Job:
+    return Job(f"n-{n:04d}", "big", "x" * size, 10000, 0, 60, 1_700_000_000.0)
+
+
+def test_a_payload_is_deleted_at_finish_after_beanstalkds_limit_grew() -> None:
+    async def body() -> None:
+        server, journal, clock = FakeBeanstalk(), FakeJournal(), ManualClock()
+        store = MemoryStore(clock=clock)
+        server.max_job_size = 150
+        feeder = make(server, journal, clock, store=store)
+        task = asyncio.create_task(feeder.run())
+        feeder.submit([journal.add(big_job(1, 200))])
+        await until(lambda: feeder.stats.fed == 1, "reference fed")
+        assert store.keys() == ["n-0001"]
+        server.max_job_size = 100_000  # beanstalkd restarted with a larger -z
+        server.restart(lose_jobs=False)
+        await until(lambda: feeder.max_body == 100_000, "new limit seen")
+        feeder.forget("n-0001", journal.jobs["n-0001"].length)
+        await until(lambda: not store.keys(), "payload deleted")
+        feeder.stop()
+        await task
+
+    run(body)
+
+
+def test_a_payload_is_deleted_at_finish_for_a_job_offloaded_after_job_too_big() -> None:
+    async def body() -> None:
+        server, journal, clock = FakeBeanstalk(), FakeJournal(), ManualClock()
+        store = MemoryStore(clock=clock)
+        server.answers = ["JOB_TOO_BIG"]  # within the known limit, refused all the same
+        feeder = make(server, journal, clock, store=store)
+        task = asyncio.create_task(feeder.run())
+        feeder.submit([journal.add(big_job(1, 200))])
+        await until(lambda: feeder.stats.fed == 1, "reference fed")
+        assert store.keys() == ["n-0001"]
+        feeder.forget("n-0001", journal.jobs["n-0001"].length)
+        await until(lambda: not store.keys(), "payload deleted")
+        feeder.stop()
+        await task
+
+    run(body)
+
+
+async def fed_and_purged(
+    server: FakeBeanstalk, journal: FakeJournal, feeder: Feeder, n: int
+) -> int:
+    """Feed job `n`, then drop it from the journal (purged); its bid is a stale copy."""
+    feeder.submit([journal.add(job(n))])
+    await until(lambda: journal.jobs[f"n-{n:04d}"].bid != 0, "fed")
+    bid = journal.jobs.pop(f"n-{n:04d}").bid
+    return bid
+
+
+def test_a_stale_copy_another_connection_holds_is_deleted_once_let_go() -> None:
+    async def body() -> None:
+        server, journal, clock = FakeBeanstalk(), FakeJournal(), ManualClock()
+        feeder = make(server, journal, clock)
+        task = asyncio.create_task(feeder.run())
+        bid = await fed_and_purged(server, journal, feeder, 1)
+        server.reserved_elsewhere.add(bid)
+        feeder.discard([StaleCopy(bid, "n-0001")])
+        await until(lambda: server.deletes == [bid], "delete tried")
+        clock.advance(5)
+        await until(lambda: server.deletes == [bid, bid], "tried again")
+        assert bid in server.jobs and feeder.stale_copies == 1
+        server.reserved_elsewhere.clear()  # the runner buried it
+        clock.advance(1)
+        await until(lambda: bid not in server.jobs, "stale copy deleted")
+        feeder.stop()
+        await task
+
+    run(body)
+
+
+def test_a_stale_copy_held_for_too_long_is_given_up() -> None:
+    async def body() -> None:
+        server, journal, clock = FakeBeanstalk(), FakeJournal(), ManualClock()
+        feeder = make(server, journal, clock)
+        task = asyncio.create_task(feeder.run())
+        bid = await fed_and_purged(server, journal, feeder, 1)
+        server.reserved_elsewhere.add(bid)
+        feeder.discard([StaleCopy(bid, "n-0001")])
+        await until(lambda: server.deletes == [bid], "held")
+        clock.advance(STALE_RETRY_FOR + 1)
+        await until(lambda: feeder.stale_copies == 0, "given up")
+        server.reserved_elsewhere.clear()
+        clock.advance(10)
+        await asyncio.sleep(0.05)
+        assert bid in server.jobs and server.deletes == [bid, bid]  # no longer tried
+        feeder.stop()
+        await task
+
+    run(body)
+
+
+def test_a_stale_id_naming_another_job_after_a_restart_is_not_deleted() -> None:
+    """beanstalkd restarted without its binlog hands out ids from 1 again: a held (or
+    asked) stale id may now carry a live job, which must not be deleted."""
+
+    async def body() -> None:
+        server, journal, clock = FakeBeanstalk(), FakeJournal(), ManualClock()
+        feeder = make(server, journal, clock)
+        task = asyncio.create_task(feeder.run())
+        bid = await fed_and_purged(server, journal, feeder, 1)
+        server.reserved_elsewhere.add(bid)
+        feeder.discard([StaleCopy(bid, "n-0001")])
+        await until(lambda: server.deletes == [bid], "held")
+        server.reserved_elsewhere.clear()
+        server.restart(lose_jobs=True)
+        feeder.submit([journal.add(job(2))])
+        await until(lambda: journal.jobs["n-0002"].bid == bid, "another job under that id")
+        feeder.discard([StaleCopy(bid, "n-0001")])
+        clock.advance(2)
+        await until(lambda: feeder.stale_copies == 0, "checked")
+        assert in_beanstalk(server) == {"n-0002"}
+        feeder.stop()
+        await task
+
+    run(body)
