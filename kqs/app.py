@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import secrets
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kqs.beanstalk import BeanstalkClient
@@ -23,6 +25,7 @@ from kqs.config import ServerConfig
 from kqs.errors import Unavailable
 from kqs.feeder import FeedConnection, Feeder
 from kqs.journal import Journal
+from kqs.journal.diskio import OS_IO, DiskIO
 from kqs.model import IdGenerator
 from kqs.rpc.methods import Access
 from kqs.rpc.server import Limits, RpcServer, tls_context
@@ -35,21 +38,38 @@ DRAIN_SECONDS = 10.0
 FEED_ON_EXIT_SECONDS = 2.0
 
 
-def node_name(config: ServerConfig) -> str:
-    """The configured node name, or one made once and kept in the data directory."""
+def node_name(config: ServerConfig, *, io: DiskIO = OS_IO) -> str:
+    """The configured node name, or one made once and kept durably in the data
+    directory (its file is written through `io`)."""
     if config.node:
         return config.node
     path = config.data_dir / "node"
     if path.exists():
         return path.read_text(encoding="ascii").strip()
     name = "n" + secrets.token_hex(4)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(name + "\n", encoding="ascii")
-    tmp.replace(path)
+    write_durably(path, (name + "\n").encode("ascii"), io=io)
     return name
 
 
+def write_durably(path: Path, data: bytes, *, io: DiskIO = OS_IO) -> None:
+    """Replace `path` with `data` so that a crash at any moment leaves either the old
+    file or the whole new one: write a temporary file, fsync it, rename it over `path`,
+    then fsync the directory so the rename itself survives."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = io.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[io.write(fd, view) :]
+        io.fsync(fd)
+    finally:
+        io.close(fd)
+    io.rename(tmp, path)
+    io.fsync_dir(path.parent)
+
+
 def _warn_if_exposed(config: ServerConfig) -> None:
+    """Log a loud warning when the server listens beyond loopback with no auth_token."""
     try:
         loopback = ipaddress.ip_address(config.bind).is_loopback
     except ValueError:

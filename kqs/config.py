@@ -10,13 +10,14 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kqs.errors import ConfigError
 from kqs.model import MAX_SECONDS, NODE_RE
+from kqs.store.url import file_store_dir, open_store
 
 EMBEDDED = "embedded"
 MIN_TOKEN = 16
-BULK_SCHEMES = ("file:", "mongodb://", "mongodb+srv://", "memory:")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +51,13 @@ class ServerConfig:
     log_level: str = "info"
 
     def bulk_url(self) -> str:
-        """The bulk store URL, with the default (a directory in data_dir) made absolute."""
-        if self.bulk_store:
-            return self.bulk_store
-        return (self.data_dir / "bulk").resolve().as_uri()
+        """The bulk store URL, with a directory in data_dir (the default, or a relative
+        `file:` URL) made absolute: runners are given this URL and cannot resolve one
+        relative to the server's data directory."""
+        url = self.bulk_store or "file:bulk"
+        if not url.lower().startswith("file:") or urlsplit(url).path.startswith("/"):
+            return url
+        return file_store_dir(url, data_dir=self.data_dir).resolve().as_uri()
 
     def beanstalkd_address(self) -> tuple[str, int] | None:
         """(host, port) of an external beanstalkd, or None for the embedded one."""
@@ -112,9 +116,25 @@ def _check(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"log_level: must be one of {', '.join(_LOG_LEVELS)}, got {value!r}")
     if key == "beanstalkd" and value != EMBEDDED:
         parse_address(value, key="beanstalkd")
-    if key == "bulk_store" and value and not value.startswith(BULK_SCHEMES):
-        raise ConfigError(f"bulk_store: {value!r} must start with one of {', '.join(BULK_SCHEMES)}")
+    if key == "bulk_store" and value:
+        _check_bulk_store(value)
     return value
+
+
+def _check_bulk_store(url: str) -> None:
+    """ConfigError naming `bulk_store` for a URL the server could not use: one the
+    store parser (kqs.store.url) refuses, or `memory:`, whose payloads would be lost on
+    restart and which runners could not read. Parses only: opens and connects nothing."""
+    if url.lower().startswith("memory:"):
+        raise ConfigError(
+            "bulk_store: memory: keeps payloads in the server's memory only (lost on restart,"
+            " unreachable by runners); it is for tests of the store itself. Use"
+            " file:///absolute/dir or mongodb://host:27017/db"
+        )
+    try:
+        open_store(url, data_dir=Path("."))  # builds the store object; no I/O until used
+    except ValueError as exc:
+        raise ConfigError(f"bulk_store: {exc}") from exc
 
 
 def build_config(values: dict[str, Any]) -> ServerConfig:

@@ -4,6 +4,10 @@ A handler gets the service, the request params and the calling connection's `Cal
 and returns the result (JSON-able). Errors are `KqsError`s with wire codes. Access has
 three levels: NONE (not yet authenticated: only `auth`), USER (every ordinary method)
 and ADMIN (`quit`, `purge`, `gc`, and `retry` of a whole type).
+
+`INLINE` methods change the connection's own state and need no I/O: the server runs
+them synchronously, in arrival order, so every later request on the connection (even
+one pipelined in the same write) is checked against the state they leave.
 """
 
 from __future__ import annotations
@@ -38,13 +42,15 @@ class Access:
         return Level.USER if self.admin_token else Level.ADMIN
 
     def level_of(self, presented: str) -> Level:
-        """The level a presented token grants (compared in constant time)."""
+        """The level a presented token grants (compared in constant time); NONE means a
+        wrong token. Without an `auth_token` no token can be wrong: every client already
+        has `initial()`, which any token other than the admin token keeps."""
         given = presented.encode()
         if self.admin_token and hmac.compare_digest(given, self.admin_token.encode()):
             return Level.ADMIN
         if self.token and hmac.compare_digest(given, self.token.encode()):
             return Level.USER if self.admin_token else Level.ADMIN
-        return Level.NONE
+        return Level.NONE if self.token else self.initial()
 
 
 @dataclass(slots=True)
@@ -59,6 +65,7 @@ class Caller:
 
 
 Handler = Callable[[Service, Any, Caller], Awaitable[Any]]
+InlineHandler = Callable[[Any, Caller], Any]
 
 
 def require(caller: Caller, level: Level, what: str) -> None:
@@ -69,7 +76,9 @@ def require(caller: Caller, level: Level, what: str) -> None:
     raise Forbidden(f"{what} needs the admin token: send auth with it first")
 
 
-async def auth(service: Service, params: Any, caller: Caller) -> Any:
+def authenticate(params: Any, caller: Caller) -> Any:
+    """`auth`, run inline: raise the caller's level to what the token grants (never
+    lower it). Unauthorized for a wrong token; the server then closes the connection."""
     token = params.get("token") if isinstance(params, dict) else None
     if not isinstance(token, str):
         raise InvalidParams('auth takes {"token": "<token>"}')
@@ -78,6 +87,11 @@ async def auth(service: Service, params: Any, caller: Caller) -> Any:
         raise Unauthorized("wrong token; check the client's token against the server's")
     caller.level = max(caller.level, level)
     return {"admin": caller.level == Level.ADMIN}
+
+
+async def auth(service: Service, params: Any, caller: Caller) -> Any:
+    """The table's entry for `auth`; the server runs `authenticate` inline instead."""
+    return authenticate(params, caller)
 
 
 async def ping(service: Service, params: Any, caller: Caller) -> Any:
@@ -128,6 +142,9 @@ async def quit_(service: Service, params: Any, caller: Caller) -> Any:
     caller.request_shutdown()
     return "shutting down"
 
+
+#: name -> the synchronous handler the server runs in arrival order (see module doc)
+INLINE: dict[str, InlineHandler] = {"auth": authenticate}
 
 #: name -> (handler, level needed)
 METHODS: dict[str, tuple[Handler, Level]] = {

@@ -1,13 +1,16 @@
 """asyncio I/O for the wire protocol: accept, read lines, dispatch, write replies.
 
 Each request runs as its own task, so replies to pipelined requests go out in order of
-completion (each carries its request's id). A connection with too many requests in
-flight, or whose replies the client does not read, stops being read until it catches
-up. Nothing a client sends escapes as an exception: every failure becomes an error
-reply. A connection is closed, with a last error line saying why, when its line is too
-long, when there are already `max_connections`, when it sits idle past `idle_timeout`,
-when a line stays unfinished past `line_timeout` (slow clients), when its replies go
-unread past `write_timeout`, or after a wrong token.
+completion (each carries its request's id). Lines are checked for access in arrival
+order, and `auth` (an inline method) runs before the next line is looked at, so each
+request sees the access level every earlier request on its connection left. A
+connection with too many requests in flight, or whose replies the client does not
+read, stops being read until it catches up. Nothing a client sends escapes as an
+exception: every failure becomes an error reply. A connection is closed, with a last
+error line saying why, when its line is too long, when there are already
+`max_connections`, when it sits idle past `idle_timeout`, when a line stays unfinished
+past `line_timeout` (slow clients), when its replies go unread past `write_timeout`, or
+after a wrong token (nothing after it on the connection is run).
 """
 
 from __future__ import annotations
@@ -21,8 +24,15 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from kqs.clock import SYSTEM_CLOCK, Clock
-from kqs.errors import InternalError, KqsError, MethodNotFound, Timeout, TooManyConnections
-from kqs.rpc.methods import METHODS, Access, Caller, Handler, require
+from kqs.errors import (
+    InternalError,
+    KqsError,
+    MethodNotFound,
+    Timeout,
+    TooManyConnections,
+    Unauthorized,
+)
+from kqs.rpc.methods import INLINE, METHODS, Access, Caller, Handler, InlineHandler, require
 from kqs.rpc.protocol import (
     ErrorReply,
     LineSplitter,
@@ -47,12 +57,17 @@ class Limits:
 
 
 def _is_loopback(peer: Any) -> bool:
+    """True if a peer address (a socket's peername) is loopback, an IPv4 loopback
+    address seen through a dual-stack IPv6 socket (::ffff:127.x.y.z) included."""
     if not isinstance(peer, tuple) or not peer:
         return False
     try:
-        return ipaddress.ip_address(str(peer[0]).split("%")[0]).is_loopback
+        address = ipaddress.ip_address(str(peer[0]).split("%")[0])
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 class Connection(asyncio.Protocol):
@@ -116,27 +131,56 @@ class Connection(asyncio.Protocol):
     # -- requests --------------------------------------------------------------------
 
     def lines(self, lines: list[bytes]) -> None:
+        """Dispatch complete lines in arrival order; stop once the connection closes
+        (a wrong token: nothing after it is run or answered)."""
         for line in lines:
-            if not line.strip():
-                continue
-            parsed = parse_request(line)
-            if isinstance(parsed, ErrorReply):
-                self.send(encode_error(parsed.id, parsed.error))
-                continue
-            entry = METHODS.get(parsed.method)
-            if entry is None:
-                names = ", ".join(sorted(METHODS))
-                error = MethodNotFound(f"unknown method {parsed.method!r}; methods are {names}")
-                self.send(encode_error(parsed.id, error))
-                continue
-            handler, level = entry
-            try:
-                require(self.caller, level, parsed.method)
-            except KqsError as exc:
-                self.send(encode_error(parsed.id, exc))
-                continue
-            self.start(parsed, handler)
+            if self.closing:
+                break
+            if line.strip():
+                self.request(line)
         self._update_reading()
+
+    def request(self, line: bytes) -> None:
+        """Parse one line and answer it with an error, run it inline, or start its task.
+        The access check uses the caller's level as left by every earlier line."""
+        parsed = parse_request(line)
+        if isinstance(parsed, ErrorReply):
+            self.send(encode_error(parsed.id, parsed.error))
+            return
+        entry = METHODS.get(parsed.method)
+        if entry is None:
+            names = ", ".join(sorted(METHODS))
+            error = MethodNotFound(f"unknown method {parsed.method!r}; methods are {names}")
+            self.send(encode_error(parsed.id, error))
+            return
+        handler, level = entry
+        try:
+            require(self.caller, level, parsed.method)
+        except KqsError as exc:
+            self.send(encode_error(parsed.id, exc))
+            return
+        inline = INLINE.get(parsed.method)
+        if inline is not None:
+            self.run_inline(parsed, inline)
+        else:
+            self.start(parsed, handler)
+
+    def run_inline(self, req: Request, handler: InlineHandler) -> None:
+        """Run a method that needs no I/O now and send its reply. A wrong `auth` token
+        closes the connection after its reply: no second guess on it."""
+        try:
+            reply = encode_result(req.id, handler(req.params, self.caller))
+        except KqsError as exc:
+            if req.method == "auth" and exc.code == Unauthorized.code:
+                self.refuse(exc, req.id)
+                return
+            reply = encode_error(req.id, exc)
+        except Exception:
+            log.exception("method %s failed", req.method)
+            reply = encode_error(
+                req.id, InternalError(f"{req.method} failed inside the server; see its log")
+            )
+        self.send(reply)
 
     def start(self, req: Request, handler: Handler) -> None:
         self.inflight += 1
@@ -150,9 +194,6 @@ class Connection(asyncio.Protocol):
             result = await call
         except KqsError as exc:
             reply = encode_error(req.id, exc)
-            if req.method == "auth" and exc.code == "unauthorized":
-                self.refuse(exc, req.id)  # no second guess on this connection
-                return
         except Exception:
             log.exception("method %s failed", req.method)
             reply = encode_error(

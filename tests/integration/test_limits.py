@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import ipaddress
 import socket
 import ssl
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,7 @@ import orjson
 import pytest
 
 from kqs.client import Client, RemoteError
-from tests.support import BeanstalkdProcess, KqsProcess
+from tests.support import BeanstalkdProcess, KqsProcess, wait_until
 
 TOKEN = "user-token-0123456789"
 ADMIN = "admin-token-0123456789"
@@ -134,6 +138,195 @@ def test_a_client_refused_its_token_closes_its_socket(guarded: KqsProcess) -> No
     assert err.value.code == "unauthorized"
     del err  # its traceback holds the half-made Client
     gc.collect()  # a socket left open warns now (ResourceWarning), which fails the test
+
+
+def test_auth_pipelined_with_a_request_in_one_write(guarded: KqsProcess) -> None:
+    with (
+        socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock,
+        sock.makefile("rb") as f,
+    ):
+        auth = {"id": 1, "method": "auth", "params": {"token": TOKEN}}
+        sock.sendall(orjson.dumps(auth) + b"\n" + b'{"id": 2, "method": "ping"}\n')
+        replies = {r["id"]: r for r in (orjson.loads(f.readline()) for _ in range(2))}
+    assert replies[1] == {"id": 1, "result": {"admin": False}}
+    assert replies[2] == {"id": 2, "result": "pong"}
+
+
+def test_quit_and_retry_of_a_type_need_the_admin_token(guarded: KqsProcess) -> None:
+    with Client("127.0.0.1", guarded.port, token=TOKEN) as user:
+        with pytest.raises(RemoteError) as err:
+            user.call("quit")
+        assert err.value.code == "forbidden"
+        job = user.insert("t")
+        user.call("finish", {"id": job, "outcome": "dead", "error": "boom"})
+        assert user.call("retry", {"ids": [job]}) == {"retried": 1}  # by id: user level
+        user.call("finish", {"id": job, "outcome": "dead", "error": "boom again"})
+        del err
+    with Client("127.0.0.1", guarded.port, token=ADMIN) as admin:
+        assert admin.call("retry", {"type": "t"}) == {"retried": 1}
+        assert admin.call("quit") == "shutting down"
+    assert guarded.proc is not None and guarded.proc.wait(20) == 0
+
+
+def test_a_client_with_a_token_may_use_a_server_without_one(limited: KqsProcess) -> None:
+    with Client("127.0.0.1", limited.port, token=TOKEN) as c:  # auth succeeds
+        assert c.call("auth", {"token": "any-other-token"}) == {"admin": True}
+        assert c.call("ping") == "pong"
+
+
+def test_an_insert_array_over_the_limit_is_refused_whole(
+    tmp_path: Path, beanstalkd: BeanstalkdProcess
+) -> None:
+    kqs = server(tmp_path, beanstalkd, max_jobs_per_insert=3)
+    try:
+        with Client("127.0.0.1", kqs.port) as c:
+            assert len(c.call("insert", [{"type": "t"}] * 3)["ids"]) == 3
+            with pytest.raises(RemoteError) as err:
+                c.call("insert", [{"type": "t"}] * 4)
+            assert err.value.code == "invalid_params"
+            assert "at most 3" in err.value.message
+            stats = c.call("stats")
+        assert stats["accepted"] == 3 and stats["live_jobs"] == 3
+    finally:
+        kqs.kill()
+
+
+class Pinger(threading.Thread):
+    """Pings on its own connection until stopped; records each round trip's time and
+    any error."""
+
+    def __init__(self, port: int, stop: threading.Event) -> None:
+        super().__init__()
+        self.port = port
+        self.stop = stop
+        self.times: list[float] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        try:
+            with Client("127.0.0.1", self.port, timeout=5) as c:
+                while not self.stop.is_set():
+                    began = time.monotonic()
+                    assert c.call("ping") == "pong"
+                    self.times.append(time.monotonic() - began)
+                    time.sleep(0.02)
+        except Exception as exc:  # reported by the test
+            self.errors.append(repr(exc))
+
+
+def trickle(sock: socket.socket, every: float, within: float) -> tuple[bytes, float]:
+    """Send a byte of an endless request line every `every` s until the server closes
+    the connection; return what it sent and how long that took."""
+    sock.setblocking(False)
+    began = time.monotonic()
+    received = b""
+    line = b'{"id": 1, "method": "echo", "params": ["' + b"x" * 10_000
+    for byte in line:
+        assert time.monotonic() - began < within, "the slow client was never cut off"
+        try:
+            chunk = sock.recv(65536)
+        except BlockingIOError:
+            chunk = None
+        if chunk is not None:
+            received += chunk
+            if chunk == b"":
+                return received, time.monotonic() - began
+        try:
+            sock.send(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        time.sleep(every)
+    sock.settimeout(5)
+    return received + last_bytes(sock), time.monotonic() - began
+
+
+def last_bytes(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_a_trickling_client_is_cut_off_while_others_are_served(
+    tmp_path: Path, beanstalkd: BeanstalkdProcess
+) -> None:
+    kqs = server(tmp_path, beanstalkd, line_timeout=1, idle_timeout=60)
+    stop = threading.Event()
+    pingers = [Pinger(kqs.port, stop) for _ in range(4)]
+    try:
+        for p in pingers:
+            p.start()
+        with socket.create_connection(("127.0.0.1", kqs.port)) as slow:
+            data, took = trickle(slow, every=0.2, within=15)
+        stop.set()
+        for p in pingers:
+            p.join(10)
+    finally:
+        stop.set()
+        kqs.kill()
+    (reply,) = [orjson.loads(line) for line in data.splitlines()]
+    assert reply["error"]["code"] == "timeout" and "line" in reply["error"]["message"]
+    assert 1 <= took < 4, took  # line_timeout, plus at most a sweep or two
+    for p in pingers:
+        assert not p.errors, p.errors
+        assert len(p.times) >= 10 and max(p.times) < 1.0, (len(p.times), max(p.times, default=0))
+
+
+def non_loopback_address() -> str | None:
+    """An IPv4 address of this machine other than loopback, or None."""
+    candidates: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe, contextlib.suppress(OSError):
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a route
+        candidates.append(probe.getsockname()[0])
+    with contextlib.suppress(OSError):
+        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
+    for address in candidates:
+        if ipaddress.ip_address(address).is_loopback or address == "0.0.0.0":
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((address, 0))
+            except OSError:
+                continue
+        return address
+    return None
+
+
+WARNING = "beyond loopback, with no auth_token"
+
+
+def test_beyond_loopback_without_a_token_warns_and_refuses_remote_quit(
+    tmp_path: Path, beanstalkd: BeanstalkdProcess
+) -> None:
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address")
+    kqs = server(tmp_path, beanstalkd, bind="0.0.0.0")
+    try:
+        wait_until(lambda: WARNING in kqs.log_tail(100_000), what="the warning")
+        with Client(address, kqs.port) as remote:
+            assert remote.call("ping") == "pong"
+            with pytest.raises(RemoteError) as err:
+                remote.call("quit")
+            assert err.value.code == "forbidden" and "loopback" in err.value.message
+            del err
+        with Client("127.0.0.1", kqs.port) as local:
+            assert local.call("quit") == "shutting down"
+        assert kqs.proc is not None and kqs.proc.wait(20) == 0
+    finally:
+        kqs.kill()
+
+
+def test_beyond_loopback_with_a_token_does_not_warn(
+    tmp_path: Path, beanstalkd: BeanstalkdProcess
+) -> None:
+    kqs = server(tmp_path, beanstalkd, bind="0.0.0.0", auth_token=TOKEN)
+    try:
+        listening = "listening on 0.0.0.0"  # logged just after the warning would be
+        wait_until(lambda: listening in kqs.log_tail(100_000), what="the listening line")
+        assert WARNING not in kqs.log_tail(100_000)
+    finally:
+        kqs.kill()
 
 
 def test_a_wrong_token_closes_the_connection(guarded: KqsProcess) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -141,3 +142,45 @@ def test_quit_drains_and_exits_zero(kqs: KqsProcess) -> None:
         assert c.call("quit") == "shutting down"
     assert kqs.proc is not None
     assert kqs.proc.wait(20) == 0
+
+
+ECHOED = [
+    {"id": 1, "method": "echo", "params": {}},
+    {"id": 2, "method": "echo", "params": []},
+    {"id": 3, "method": "echo", "params": {"a": [1, -2.5, None, True, "é\u2603\U0001f600"]}},
+    {"id": "s", "method": "echo", "params": [{"nested": {"deep": [[[]]]}}, 18446744073709551615]},
+    {"id": 5, "method": "echo", "params": {"$base64": "aGVsbG8=", "": "", "\u0000": "\n"}},
+]
+
+
+@pytest.mark.parametrize("request_", ECHOED, ids=lambda r: str(r["id"]))
+def test_echo_returns_its_params_exactly(kqs: KqsProcess, request_: dict[str, Any]) -> None:
+    with socket.create_connection(("127.0.0.1", kqs.port), timeout=10) as sock:
+        reply = raw(sock, orjson.dumps(request_))
+    assert reply == {"id": request_["id"], "result": request_["params"]}
+
+
+def test_echo_without_params_returns_an_empty_object(kqs: KqsProcess) -> None:
+    with socket.create_connection(("127.0.0.1", kqs.port), timeout=10) as sock:
+        assert raw(sock, b'{"id": 1, "method": "echo"}') == {"id": 1, "result": {}}
+
+
+def test_stats_counts_the_journal_segments_on_disk(
+    tmp_path: Path, beanstalkd: BeanstalkdProcess
+) -> None:
+    kqs = KqsProcess(
+        tmp_path / "data",
+        beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}",
+        segment_bytes=4096,
+    )
+    kqs.start()
+    try:
+        with Client("127.0.0.1", kqs.port) as c:
+            for i in range(12):  # about 24 KiB of live jobs: several 4 KiB segments
+                c.call("insert", [{"type": "seg", "data": f"{i}-{n}-" + "x" * 900} for n in (1, 2)])
+            segments = c.call("stats")["journal"]["segments"]
+        on_disk = sorted((tmp_path / "data" / "journal").glob("*.seg"))
+        assert segments > 1
+        assert segments == len(on_disk), [p.name for p in on_disk]
+    finally:
+        kqs.kill()

@@ -8,16 +8,18 @@ from typing import Any
 
 class FakeTransport(asyncio.Transport):
     """Collects what the connection writes; remembers whether it closed and whether
-    reading is paused (pausing or resuming twice in a row is a bug: it asserts)."""
+    reading is paused (pausing or resuming twice in a row is a bug: it asserts).
+    `peer` is the client address the connection sees (loopback unless given)."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer: tuple[str, int] = ("127.0.0.1", 40000)) -> None:
         super().__init__()
+        self.peer = peer
         self.out = bytearray()
         self.closed = False
         self.reading = True
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
+        return self.peer if name == "peername" else default
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.out += data

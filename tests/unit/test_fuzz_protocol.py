@@ -9,6 +9,10 @@ feeder that is never connected (jobs wait in its queue). Requests are written as
 text by hand, so they can hold what JSON libraries never produce: invalid UTF-8, bad
 escapes, duplicate keys, numbers beyond every range, NaN, deep nesting.
 
+The same properties hold on a server with tokens: before `auth` every request gets an
+error (never a result: nothing runs), and after `auth` pipelined in the same write the
+requests behave as on an open server.
+
 Nesting deeper than orjson encodes (254 levels) has its own tests at the end (an id that
 is not a string, number or null is refused; too deep data is invalid_params); the fuzz
 keeps below that depth.
@@ -20,6 +24,7 @@ import asyncio
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -31,7 +36,7 @@ from kqs.clock import SYSTEM_CLOCK
 from kqs.feeder import FeedConnection, Feeder
 from kqs.journal import Journal
 from kqs.model import IdGenerator
-from kqs.rpc.methods import METHODS
+from kqs.rpc.methods import METHODS, Access
 from kqs.rpc.server import Connection, Limits, RpcServer
 from kqs.service import Service
 from tests.support import scaled
@@ -96,10 +101,10 @@ class Harness:
         return bytes(transport.out).splitlines(), transport
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+def open_harness(directory: Path, access: Access) -> Harness:
+    """A server over a fresh journal in `directory`, with its own event loop."""
     loop = asyncio.new_event_loop()
-    journal = Journal.open(tmp_path_factory.mktemp("fuzz") / "journal")
+    journal = Journal.open(directory / "journal")
     feeder = Feeder(journal, never_connect, SYSTEM_CLOCK)
     service = Service(
         journal,
@@ -109,12 +114,40 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         max_jobs_per_insert=50,
         max_payload_bytes=8192,
     )
-    server = RpcServer(service, request_shutdown=lambda: None, limits=Limits(max_line=MAX_LINE))
+    server = RpcServer(
+        service, request_shutdown=lambda: None, limits=Limits(max_line=MAX_LINE), access=access
+    )
+    return Harness(loop, server, journal, [])
+
+
+def close_harness(h: Harness) -> None:
+    h.loop.run_until_complete(h.journal.close())
+    h.loop.close()
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    """A server without tokens: every connection may call every method."""
+    h = open_harness(tmp_path_factory.mktemp("fuzz"), Access())
     try:
-        yield Harness(loop, server, journal, [])
+        yield h
     finally:
-        loop.run_until_complete(journal.close())
-        loop.close()
+        close_harness(h)
+
+
+USER_TOKEN = "fuzz-user-token-0123"
+ADMIN_TOKEN = "fuzz-admin-token-0123"
+AUTH_LINE = orjson.dumps({"id": "\u2603auth", "method": "auth", "params": {"token": USER_TOKEN}})
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    """A server with a user and an admin token: a new connection may only call auth."""
+    h = open_harness(tmp_path_factory.mktemp("fuzz-guarded"), Access(USER_TOKEN, ADMIN_TOKEN))
+    try:
+        yield h
+    finally:
+        close_harness(h)
 
 
 def check_replies(
@@ -148,6 +181,28 @@ def check_replies(
     assert probe_answered, "the connection did not go on after the request"
     assert len(out) == sum(1 for r in requests if r.strip()), (requests, replies)
     return out
+
+
+def check_unauthenticated(
+    requests: list[bytes], replies: list[bytes], transport: FakeTransport
+) -> None:
+    """On a server with a token, before `auth`: every reply is a well-formed error with a
+    documented code, never a result (nothing ran). Either every line was answered, the
+    probe `unauthorized`, or a wrong `auth` token closed the connection and its reply
+    was the last one (nothing after it is answered)."""
+    answered = [orjson.loads(raw) for raw in replies]
+    for raw, reply in zip(replies, answered, strict=True):
+        assert isinstance(reply, dict) and set(reply) == {"id", "error"}, raw
+        assert set(reply["error"]) == {"code", "message"}, raw
+        assert reply["error"]["code"] in EXPECTED_CODES, raw
+        assert isinstance(reply["error"]["message"], str) and reply["error"]["message"], raw
+    if transport.closed:
+        assert answered and answered[-1]["error"]["code"] == "unauthorized", replies
+        assert "token" in answered[-1]["error"]["message"], replies  # the wrong-token reply
+        return
+    probe = [r for r in answered if r["id"] == "\u2603probe"]
+    assert [r["error"]["code"] for r in probe] == ["unauthorized"], replies
+    assert len(answered) == 1 + sum(1 for r in requests if r.strip()), (requests, replies)
 
 
 # --- JSON text, written by hand ------------------------------------------------------------
@@ -355,6 +410,39 @@ def test_any_request_gets_one_wellformed_reply_and_the_connection_goes_on(
 def test_any_bytes_get_errors_never_a_crash(harness: Harness, lines: list[bytes]) -> None:
     replies, transport = harness.exchange(lines)
     check_replies(harness, lines, replies, transport)
+
+
+@FUZZ
+@given(st.lists(requests(), min_size=1, max_size=3))
+def test_before_auth_any_request_gets_an_error_and_nothing_runs(
+    guarded: Harness, reqs: list[Obj]
+) -> None:
+    lines = [render(r, guarded.ids) for r in reqs]
+    replies, transport = guarded.exchange(lines)
+    check_unauthenticated(lines, replies, transport)
+    assert not guarded.journal.jobs  # no insert got through
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"")), max_size=4))
+def test_before_auth_any_bytes_get_errors_never_a_crash(
+    guarded: Harness, lines: list[bytes]
+) -> None:
+    replies, transport = guarded.exchange(lines)
+    check_unauthenticated(lines, replies, transport)
+
+
+@FUZZ
+@given(st.lists(requests(), min_size=1, max_size=3))
+def test_after_auth_with_the_user_token_requests_behave_as_on_an_open_server(
+    guarded: Harness, reqs: list[Obj]
+) -> None:
+    """Pipelined after `auth`: each request gets its one well-formed reply (admin methods
+    `forbidden`), and the connection goes on unless a later wrong token closed it."""
+    lines = [AUTH_LINE, *(render(r, guarded.ids) for r in reqs)]
+    replies, transport = guarded.exchange(lines)
+    got = check_replies(guarded, lines, replies, transport)
+    assert got[0] == {"id": "\u2603auth", "result": {"admin": False}}, got
 
 
 @settings(max_examples=scaled(60, 600), deadline=None, database=None)
