@@ -72,8 +72,9 @@ class Service:
         self.accepted = 0
         self.finished: Counter[str] = Counter({"done": 0, "dead": 0})
         self.finished_by_type: dict[str, Counter[str]] = {}
-        #: ids whose finish is being journaled: a concurrent finish of one is not_found
-        self._finishing: set[str] = set()
+        #: ids whose change (finish, retry, purge) is being journaled: a concurrent
+        #: change of one of them is refused (not_found) or, in a selection, left out
+        self._busy: set[str] = set()
         #: what `stats` says of beanstalkd besides reachability (address, pid, restarts)
         self.beanstalkd_info: Callable[[], dict[str, Any]] = dict
         for job_id in journal.jobs:
@@ -163,11 +164,11 @@ class Service:
         if type_ is not None and not isinstance(type_, str):
             raise InvalidParams("'type' must be a string when given")
         entry = self.journal.jobs.get(job_id)
-        if entry is None or job_id in self._finishing:
+        if entry is None or job_id in self._busy:
             raise NotFound(f"no unfinished job {job_id} on this server (already finished?)")
         if outcome == "dead" and entry.dead is not None:
             raise NotFound(f"job {job_id} is already dead")
-        self._finishing.add(job_id)
+        self._busy.add(job_id)
         try:
             if outcome == "done":
                 await self.journal.mark_done(job_id)
@@ -176,7 +177,7 @@ class Service:
                 info = {"error": error, "at": self.clock.time(), "attempts": attempts}
                 await self.journal.mark_dead(job_id, dumps_kept(info))
         finally:
-            self._finishing.discard(job_id)
+            self._busy.discard(job_id)
         self.finished[outcome] += 1
         if type_ is not None:
             self.finished_by_type.setdefault(type_, Counter())[outcome] += 1
@@ -232,6 +233,24 @@ class Service:
                     page.append(job)
         return {"jobs": page, "next": None}
 
+    async def _claim_dead(self, params: Any, *, allow_all: bool) -> list[str]:
+        """Select and claim (in `_busy`) the dead jobs named by {"id"} | {"ids"} |
+        {"type"} (| {"all": true}); the caller must `_release` them. Named ids must all
+        be dead and free (else not_found); a selection by type or all leaves out jobs
+        that stopped being dead, or are being changed, while it was read."""
+        ids = await self._select_dead(params, allow_all=allow_all)
+        jobs = self.journal.jobs
+        claimed = [
+            i
+            for i in ids
+            if i not in self._busy and (e := jobs.get(i)) is not None and e.dead is not None
+        ]
+        self._busy.update(claimed)
+        return claimed
+
+    def _release(self, ids: list[str]) -> None:
+        self._busy.difference_update(ids)
+
     async def _select_dead(self, params: Any, *, allow_all: bool) -> list[str]:
         """The dead job ids named by {"id"} | {"ids"} | {"type"} (| {"all": true})."""
         if not isinstance(params, dict):
@@ -242,7 +261,7 @@ class Service:
             ids = [params["id"]] if "id" in params else params["ids"]
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 raise InvalidParams("'id' must be a job id string and 'ids' a list of them")
-            missing = [i for i in ids if i not in jobs or jobs[i].dead is None]
+            missing = [i for i in ids if i not in jobs or jobs[i].dead is None or i in self._busy]
             if missing:
                 raise NotFound(f"no dead job {missing[0]} here ({len(missing)} not dead or gone)")
             return list(dict.fromkeys(ids))
@@ -262,18 +281,24 @@ class Service:
 
     async def retry(self, params: Any) -> dict[str, Any]:
         """Feed dead jobs again with attempts reset (a new beanstalkd job each)."""
-        ids = await self._select_dead(params, allow_all=False)
-        stale = [StaleCopy(self.journal.jobs[i].bid, i) for i in ids]
-        await asyncio.gather(*(self.journal.revive(i) for i in ids))
+        ids = await self._claim_dead(params, allow_all=False)
+        try:
+            stale = [StaleCopy(self.journal.jobs[i].bid, i) for i in ids]
+            await asyncio.gather(*(self.journal.revive(i) for i in ids))
+        finally:
+            self._release(ids)
         self.feeder.discard(s for s in stale if s.bid)
         self.feeder.resubmit(ids)
         return {"retried": len(ids)}
 
     async def purge(self, params: Any) -> dict[str, Any]:
         """Remove dead jobs for good."""
-        ids = await self._select_dead(params, allow_all=True)
-        entries = [self.journal.jobs[i] for i in ids]
-        await asyncio.gather(*(self.journal.purge(i) for i in ids))
+        ids = await self._claim_dead(params, allow_all=True)
+        try:
+            entries = [self.journal.jobs[i] for i in ids]
+            await asyncio.gather(*(self.journal.purge(i) for i in ids))
+        finally:
+            self._release(ids)
         self.feeder.discard(StaleCopy(e.bid, i) for i, e in zip(ids, entries, strict=True) if e.bid)
         for job_id, entry in zip(ids, entries, strict=True):
             self.feeder.forget(job_id, entry.length)

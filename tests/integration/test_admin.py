@@ -203,6 +203,40 @@ def test_two_concurrent_finishes_of_one_job_succeed_once(kqs: KqsProcess, outcom
     assert stats["types"]["twice"][outcome] == 1
 
 
+@pytest.mark.parametrize(
+    ("first", "second"), [("retry", "retry"), ("retry", "purge"), ("purge", "finish")]
+)
+def test_concurrent_changes_of_one_dead_job_take_effect_once(
+    kqs: KqsProcess, beanstalkd: BeanstalkdProcess, first: str, second: str
+) -> None:
+    with Client("127.0.0.1", kqs.port) as c:
+        job_id = c.insert("twice")
+        wait_fed(kqs.port)
+        declare_dead(c, [job_id], "twice")
+    params = {
+        "retry": {"id": job_id},
+        "purge": {"id": job_id},
+        "finish": {"id": job_id, "outcome": "done"},
+    }
+    with Pipeline(kqs.port) as p:
+        p.send((1, first, params[first]), (2, second, params[second]))
+        replies = {r["id"]: r for r in (p.read(), p.read())}
+    assert "result" in replies[1], replies
+    assert replies[2].get("error", {}).get("code") == "not_found", replies
+    wait_fed(kqs.port)
+    copies = 1 if first == "retry" else 0  # a retried job is fed again, once
+    with greenstalk.Client((beanstalkd.host, beanstalkd.port)) as bs:
+
+        def jobs_in_tube() -> int:
+            tube = bs.stats_tube("twice")
+            return sum(int(tube[f"current-jobs-{s}"]) for s in ("ready", "reserved", "buried"))
+
+        wait_until(lambda: jobs_in_tube() == copies, timeout=10, what=f"{copies} copies")
+    stats = kqs_stats(kqs.port)
+    assert (stats["live_jobs"], stats["dead_jobs"]) == (copies, 0)
+    assert stats["finished"]["done"] == 0
+
+
 def test_purging_a_dead_job_deletes_its_bulk_payload(server: KqsProcess) -> None:
     bulk = server.data_dir / "bulk"
 

@@ -300,7 +300,10 @@ def test_beyond_loopback_without_a_token_warns_and_refuses_remote_quit(
 ) -> None:
     address = non_loopback_address()
     if address is None:
-        pytest.skip("this machine has no non-loopback address")
+        pytest.skip(
+            "!!! this machine has no non-loopback address: remote quit NOT tried over a real"
+            " socket (tests/unit/test_access.py checks it with fake peers) !!!"
+        )
     kqs = server(tmp_path, beanstalkd, bind="0.0.0.0")
     try:
         wait_until(lambda: WARNING in kqs.log_tail(100_000), what="the warning")
