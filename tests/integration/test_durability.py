@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import greenstalk
@@ -65,9 +66,12 @@ def test_kill_9_during_concurrent_inserts_loses_no_acknowledged_job(
     try:
         server.start()
         for _ in range(ROUNDS):
-            target = len(acked) + rng.randint(200, 3000)
+            # insert for a random 0.5-3 s (and at least 200 acks), then kill at once
+            seconds = rng.uniform(0.5, 3.0)
             with inserters(server.port) as ins:
-                wait_until(ins.reached(target - len(acked)), timeout=60, what="inserts")
+                started = time.monotonic()
+                wait_until(ins.reached(200), timeout=60, what="inserts")
+                time.sleep(max(0.0, started + seconds - time.monotonic()))  # the random moment
                 server.kill()
             acked += ins.acked
             server.start()
