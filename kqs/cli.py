@@ -262,12 +262,12 @@ def run(
         code = run_loop(main())
     except ConfigError as exc:
         raise click.ClickException(f"jobs: {exc}") from exc
-    if runner is not None and runner.threads.busy:
+    if runner is not None and runner.threads_busy:
         # A sync handler that outlived the grace period cannot be stopped; its job was
         # released. Do not wait for its thread at interpreter exit.
         logging.getLogger("kqs.runner").warning(
             "%d sync handler thread(s) still running; exiting without them",
-            runner.threads.busy,
+            runner.threads_busy,
         )
         logging.shutdown()
         sys.stderr.flush()
@@ -330,5 +330,5 @@ def dead_purge(ids: tuple[str, ...], type_: str | None, all_: bool, server: str)
 @main.command()
 @server_option
 def gc(server: str) -> None:
-    """Delete bulk payloads of finished jobs now (admin)."""
+    """Delete orphaned bulk payloads (of no unfinished job) older than gc_window, now (admin)."""
     _print(_call(server, "gc"))

@@ -4,37 +4,54 @@ Two kinds, both behind `Handler.run(job, body, time_limit) -> Outcome`, which ne
 except `asyncio.CancelledError` (the runner aborting the run at shutdown):
 
 - `PythonHandler`: a callable `module:function` taking a `JobContext`. An async one is
-  awaited on the event loop; a sync one runs in the runner's thread pool. Returning means
-  done; exceptions map as described in kqs.runner.outcome. At `timeout` an async handler
-  is cancelled; a sync one cannot be stopped: the run counts as failed (retry) and its
-  thread finishes in the background, its result ignored.
+  awaited on the event loop; a sync one runs in its type's `ThreadPool`. Returning means
+  done; exceptions (SystemExit and KeyboardInterrupt too) map as described in
+  kqs.runner.outcome. At `timeout` an async handler is cancelled; a sync one cannot be
+  stopped: the run counts as failed (retry), and its thread, finishing in the background
+  (its result ignored), keeps one of its type's slots until it returns.
 - `CommandHandler`: an external program. stdin carries the job body JSON plus "attempt";
   the environment carries KQS_JOB_ID, KQS_JOB_TYPE and KQS_ATTEMPT; stdout is inherited.
-  Exit 0 = done, `dead_exit_code` (default 100) = dead, anything else = retry. At
+  Exit 0 = done, `dead_exit_code` (default 100) = dead, anything else = retry, after the
+  delay a `kqs-retry-after: <seconds>` line on stderr asks for (the last one wins). At
   `timeout` (default: the job's TTR) its process group is killed (retry). The last
-  MAX_ERROR_CHARS of stderr are kept as the error.
+  MAX_ERROR_CHARS bytes of stderr, without the retry-after lines, are kept as the error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import importlib
 import inspect
+import logging
+import math
 import os
 import shutil
 import signal
 import threading
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol, cast
 
 import orjson
 
 from kqs.errors import ConfigError
 from kqs.runner.config import PythonTarget, TypeConfig
 from kqs.runner.outcome import MAX_ERROR_CHARS, Outcome, describe, outcome_of_exception
+
+log = logging.getLogger("kqs.runner.handlers")
+
+#: What a Python handler may raise that counts as a failed run (retry, unless it says
+#: otherwise): everything but the runner's own cancellation.
+HANDLER_FAILURES: Final = (Exception, SystemExit, KeyboardInterrupt)
+#: The longest `JobContext.touch_sync` waits, by default, for the touch to be done.
+TOUCH_SYNC_SECONDS: Final = 10.0
+#: The stderr line with which a command asks for its retry's delay, in seconds.
+RETRY_AFTER: Final = b"kqs-retry-after:"
+#: A stderr line longer than this (bytes) is text, never a retry-after line.
+RETRY_AFTER_LINE_MAX: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +61,9 @@ class JobContext:
     `attempt` is 1 on the first run (beanstalkd's reserve count, so it survives runner
     crashes); `ttr` is the job's time-to-run in seconds. The runner keeps the job reserved
     while the handler runs (it touches it about every ttr/2); `await job.touch()` does so
-    at once and returns False if the reservation is lost (the job may run elsewhere).
+    at once and returns False if the reservation is lost (the job may run elsewhere). A
+    sync handler, in a thread, calls `job.touch_sync()` instead. `loop` is the runner's
+    event loop (where `touch` runs).
     """
 
     id: str
@@ -55,6 +74,42 @@ class JobContext:
     touch: Callable[[], Awaitable[bool]]
     max_attempts: int = 1
     prio: int = 0
+    loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False, compare=False)
+
+    def touch_sync(self, timeout: float = TOUCH_SYNC_SECONDS) -> bool:
+        """`touch` for a sync handler: run it on the runner's event loop and wait for it,
+        at most `timeout` seconds. True if the job's TTR restarted; False if the job is no
+        longer reserved by this runner, or the touch was not done in time (or the runner's
+        loop is gone). RuntimeError if called on the loop's own thread (it would wait for
+        itself: await `touch()` there) or if the context has no loop."""
+        loop = self.loop
+        if loop is None:
+            raise RuntimeError("this job has no event loop to touch it on")
+        if _running_loop() is loop:
+            raise RuntimeError("touch_sync() on the event loop would block it: await touch()")
+
+        async def touching() -> bool:
+            return await self.touch()
+
+        coro = touching()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
+        except RuntimeError:  # the loop is closed
+            coro.close()
+            return False
+        try:
+            return future.result(timeout)
+        except (TimeoutError, concurrent.futures.CancelledError):
+            future.cancel()
+            return False
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class Handler(Protocol):
@@ -63,12 +118,24 @@ class Handler(Protocol):
         ...
 
 
-class ThreadPool:
-    """The thread pool for sync handlers, counting threads busy in a handler (a handler
-    that outlived its timeout or the shutdown grace keeps its thread until it returns)."""
+#: Takes one of a type's slots for a thread still in a handler; returns the give-back.
+Hold = Callable[[], Callable[[], None]]
 
-    def __init__(self, size: int) -> None:
-        self.executor = ThreadPoolExecutor(max(1, size), thread_name_prefix="kqs-handler")
+
+class ThreadPool:
+    """The threads of one job type's sync handler: as many as the type's concurrency.
+
+    A run given up on (timed out, or cancelled at shutdown) whose handler is still in its
+    thread keeps that thread; `hold` (the type's `Slots.hold`) then takes one of the
+    type's slots until the thread returns. So every job the type starts finds a thread at
+    once, and a hung handler lowers only its own type's concurrency. `busy` counts the
+    threads in a handler, `outliving` those whose run was given up on."""
+
+    def __init__(self, size: int, *, name: str = "sync", hold: Hold | None = None) -> None:
+        self.name = name
+        self.executor = ThreadPoolExecutor(max(1, size), thread_name_prefix=f"kqs-{name}")
+        self.outliving = 0  # changed on the event loop only
+        self._hold = hold
         self._lock = threading.Lock()
         self._busy = 0
 
@@ -77,8 +144,12 @@ class ThreadPool:
         with self._lock:
             return self._busy
 
-    def call(self, func: Callable[[JobContext], Any], job: JobContext) -> Any:
-        """Run in a pool thread: call `func(job)`, counted as busy."""
+    def submit(self, func: Callable[[JobContext], Any], job: JobContext) -> Future[Any]:
+        """Start `func(job)` in a pool thread."""
+        return self.executor.submit(self._call, func, job)
+
+    def _call(self, func: Callable[[JobContext], Any], job: JobContext) -> Any:
+        """In a pool thread: call `func(job)`, counted as busy."""
         with self._lock:
             self._busy += 1
         try:
@@ -87,9 +158,42 @@ class ThreadPool:
             with self._lock:
                 self._busy -= 1
 
+    def given_up(self, future: Future[Any], why: str) -> None:
+        """The run in `future` is given up on (`why`): a run not started yet is cancelled;
+        a handler still in its thread holds one of the type's slots until it returns (the
+        give-back is scheduled on this event loop; dropped if the loop is closed by then)."""
+        if future.cancel() or future.done():
+            return
+        give_back = self._hold() if self._hold is not None else _nothing
+        self.outliving += 1
+        log.warning(
+            "%s: a sync handler %s but cannot be stopped; its thread keeps one of the"
+            " type's slots until it returns (%d such thread(s) now)",
+            self.name,
+            why,
+            self.outliving,
+        )
+        loop = asyncio.get_running_loop()
+
+        def returned(_: Future[Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(self._returned, give_back)
+
+        future.add_done_callback(returned)
+
+    def _returned(self, give_back: Callable[[], None]) -> None:
+        """On the loop: a handler given up on has returned; its slot is free again."""
+        self.outliving -= 1
+        give_back()
+        log.info("%s: a sync handler given up on has returned; its slot is free again", self.name)
+
     def shutdown(self) -> None:
         """Stop taking work; running handlers are not waited for."""
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _nothing() -> None:
+    """A give-back with nothing to give back."""
 
 
 def _timed_out(limit: float | None, what: str) -> str:
@@ -112,28 +216,36 @@ class PythonHandler:
         if time_limit is None and self.is_async:  # the common case, kept lean
             try:
                 await self.func(job)
-            except (Exception, SystemExit) as exc:
+            except HANDLER_FAILURES as exc:
                 return outcome_of_exception(exc)
             return Outcome.done()
         deadline = asyncio.timeout(time_limit)
+        future: Future[Any] | None = None
         try:
             async with deadline:
                 if self.is_async:
                     result = await self.func(job)
                 else:
-                    loop = asyncio.get_running_loop()
-                    result = await loop.run_in_executor(
-                        self.threads.executor, self.threads.call, self.func, job
-                    )
+                    future = self.threads.submit(self.func, job)
+                    result = await asyncio.wrap_future(future)
                     if inspect.isawaitable(result):
                         result = await result
         except TimeoutError as exc:
             if deadline.expired():
+                self._given_up(future, f"ran past its timeout ({time_limit:g} s)")
                 return Outcome.retry(_timed_out(time_limit, ""))
             return outcome_of_exception(exc)
-        except (Exception, SystemExit) as exc:
+        except asyncio.CancelledError:
+            self._given_up(future, "was cancelled (the runner is stopping)")
+            raise
+        except HANDLER_FAILURES as exc:
             return outcome_of_exception(exc)
         return Outcome.done()
+
+    def _given_up(self, future: Future[Any] | None, why: str) -> None:
+        """A sync run in `future` (None: an async run) is given up on: see ThreadPool."""
+        if future is not None:
+            self.threads.given_up(future, why)
 
 
 # A program gone before its input was written: the pipe is broken or reset, or (on
@@ -155,16 +267,82 @@ async def _write_stdin(stream: asyncio.StreamWriter | None, data: bytes) -> None
         await stream.wait_closed()
 
 
-async def _read_tail(stream: asyncio.StreamReader | None, keep: int) -> bytes:
-    """Read `stream` to its end, keeping only its last `keep` bytes."""
-    if stream is None:
-        return b""
-    tail = bytearray()
-    while chunk := await stream.read(65536):
-        tail += chunk
-        if len(tail) > keep:
-            del tail[:-keep]
-    return bytes(tail)
+class StderrTail:
+    """A command's stderr, fed as it streams: `tail`, its last `keep` bytes without its
+    retry-after lines, and `retry_after`, the seconds the last valid one asked for.
+
+    A retry-after line is `kqs-retry-after: <seconds>` (spaces around allowed), seconds a
+    finite number, 0 or more; a line that starts so but names no such number is text.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.tail = bytearray()
+        self.retry_after: float | None = None
+        self._line = bytearray()  # the current line while it may be a retry-after line
+        self._long = False  # the current line is too long for that: text, copied through
+
+    def feed(self, chunk: bytes) -> None:
+        """Take the next bytes of stderr."""
+        *ended, rest = chunk.split(b"\n")
+        for part in ended:
+            self._add(part)
+            self._end_line(b"\n")
+        self._add(rest)
+        self._trim()
+
+    def close(self) -> None:
+        """stderr has ended: settle its last line (which has no newline)."""
+        self._end_line(b"")
+        self._trim()
+
+    def _add(self, part: bytes) -> None:
+        if self._long:
+            self.tail += part
+            return
+        self._line += part
+        if len(self._line) > RETRY_AFTER_LINE_MAX:
+            self.tail += self._line
+            self._line.clear()
+            self._long = True
+
+    def _end_line(self, newline: bytes) -> None:
+        """The current line ends (`newline` is what ended it): keep it unless it is a
+        retry-after line."""
+        if not self._long:
+            seconds = _retry_after(bytes(self._line))
+            if seconds is not None:
+                self.retry_after = seconds
+            else:
+                self.tail += self._line + newline
+        else:
+            self.tail += newline
+        self._line.clear()
+        self._long = False
+
+    def _trim(self) -> None:
+        if len(self.tail) > self.keep:
+            del self.tail[: -self.keep]
+
+
+def _retry_after(line: bytes) -> float | None:
+    """The seconds of a valid retry-after line; None for any other line."""
+    text = line.strip()
+    if not text.startswith(RETRY_AFTER):
+        return None
+    try:
+        seconds = float(text[len(RETRY_AFTER) :].strip())
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+async def _read_stderr(stream: asyncio.StreamReader | None, into: StderrTail) -> None:
+    """Read `stream` to its end into `into`."""
+    if stream is not None:
+        while chunk := await stream.read(65536):
+            into.feed(chunk)
+    into.close()
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
@@ -202,7 +380,8 @@ class CommandHandler:
         except OSError as exc:
             return Outcome.retry(f"cannot start {self.argv[0]}: {describe(exc)}")
         stdin = orjson.dumps({**body, "attempt": job.attempt})
-        reader = asyncio.ensure_future(_read_tail(proc.stderr, MAX_ERROR_CHARS))
+        stderr = StderrTail(MAX_ERROR_CHARS)
+        reader = asyncio.ensure_future(_read_stderr(proc.stderr, stderr))
         timed_out = False
         try:
             try:
@@ -221,20 +400,25 @@ class CommandHandler:
             raise
         try:
             async with asyncio.timeout(1.0):  # a child of the program may hold stderr open
-                tail = await reader
+                await reader
         except TimeoutError:
-            tail = b""
-        err = tail.decode("utf-8", "replace").strip()
-        rc = proc.returncode
-        if timed_out:
-            return Outcome.retry(_timed_out(limit, " (killed)") + (f": {err}" if err else ""))
+            pass  # what was read so far is kept
+        return self._outcome(proc.returncode, stderr, limit if timed_out else None)
+
+    def _outcome(self, rc: int | None, stderr: StderrTail, timed_out: float | None) -> Outcome:
+        """The outcome of a run that ended with status `rc` (negative: killed by that
+        signal), or was killed at its `timed_out` limit; a retry-after line counts only
+        when the program's own ending means retry."""
+        err = stderr.tail.decode("utf-8", "replace").strip()
+        if timed_out is not None:
+            return Outcome.retry(_timed_out(timed_out, " (killed)") + (f": {err}" if err else ""))
         if rc == 0:
             return Outcome.done()
         what = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit code {rc}"
         text = f"{what}: {err}" if err else what
         if rc == self.dead_exit_code:
             return Outcome.dead(text)
-        return Outcome.retry(text)
+        return Outcome.retry(text, stderr.retry_after)
 
 
 def import_target(target: str, key: str) -> Callable[[JobContext], Any]:
@@ -254,10 +438,13 @@ def import_target(target: str, key: str) -> Callable[[JobContext], Any]:
     return cast(Callable[[JobContext], Any], obj)
 
 
-def make_handler(config: TypeConfig, threads: ThreadPool) -> Handler:
-    """The handler for one job type; ConfigError naming the key if it cannot be made."""
+def make_handler(config: TypeConfig, threads: ThreadPool | None) -> Handler:
+    """The handler for one job type; ConfigError naming the key if it cannot be made.
+    A Python handler runs its sync calls in `threads` (the type's own pool; required)."""
     spec = config.handler
     if isinstance(spec, PythonTarget):
+        if threads is None:
+            raise ValueError(f"types.{config.name}: a Python handler needs a thread pool")
         return PythonHandler(import_target(spec.target, f"types.{config.name}.handler"), threads)
     program = spec.argv[0]
     if shutil.which(program) is None:

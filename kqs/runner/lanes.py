@@ -1,6 +1,7 @@
 """The small stateful pieces a worker keeps: slots, lanes (connections) and leases.
 
-- `Slots`: how many more jobs of one type may start in this process.
+- `Slots`: how many more jobs of one type may start in this process; a sync handler's
+  thread that outlived its run keeps one (`hold`) until it returns.
 - `Lane`: one beanstalkd connection, the jobs reserved over it not yet settled, and its
   deletes gathered over one event-loop turn and sent in one write (a delete per job
   written on its own costs a system call per job).
@@ -46,6 +47,15 @@ class Slots:
     def give(self, n: int = 1) -> None:
         self.used -= n
         self._freed.set()
+
+    def hold(self) -> Callable[[], None]:
+        """Take one slot even when none is free, for a thread still in a handler whose run
+        was given up (its job gives its own slot back right after, so the type's total
+        stays within `limit` once that is done). Return the give-back; calling it more
+        than once gives back one slot only."""
+        self.used += 1
+        slot = Slot(self)
+        return slot.give
 
     def wake(self) -> None:
         """Wake the waiters without freeing anything (they look around: stop?)."""

@@ -4,6 +4,7 @@ return normally                 -> done
 raise Retry(delay=None, msg)    -> failed, retry (after `delay` s, else the policy's backoff)
 raise Fail(msg) / raise Dead    -> failed, do not retry: dead at once
 raise anything else             -> failed, retry; "ExcType: message" is kept as the error
+                                   (SystemExit, any code, and KeyboardInterrupt too)
 """
 
 from __future__ import annotations

@@ -126,9 +126,10 @@ def decide(
 ) -> Verdict:
     """The verdict for attempt `attempt` of a job that ended as `kind`.
 
-    done -> delete; dead -> bury; retry -> bury (exhausted) when attempt >= max_attempts,
-    otherwise release after `delay` seconds when the handler asked for one (rounded up,
-    clamped to beanstalkd's range), else after the policy's `retry_delay`.
+    done -> delete; dead -> bury; retry -> bury (exhausted) when attempt >= max_attempts
+    (including the extra run of `exhausted_before_run`), otherwise release after `delay`
+    seconds when the handler asked for one (rounded up, clamped to beanstalkd's range),
+    else after the policy's `retry_delay`.
     """
     if kind == "done":
         return Verdict("delete")
@@ -143,7 +144,13 @@ def decide(
 
 
 def exhausted_before_run(policy: RetryPolicy, attempt: int) -> bool:
-    """True when a job is reserved for attempt `attempt` > max_attempts: its earlier runs
-    used every attempt without an outcome (the runner crashed, or lost the job), so it is
-    declared dead without running again; this stops a job that kills its runner."""
-    return attempt > policy.max_attempts
+    """True when a job reserved for attempt `attempt` is dead without running:
+    attempt > max_attempts + 1.
+
+    Reserved for attempt max_attempts + 1, it runs once more: the outcome of run
+    max_attempts was lost (its runner crashed, or its done report was never
+    acknowledged), and that run may well have succeeded; the extra run settles it, any
+    failure of it being final (`decide`). Reserved again after that, the runs ended
+    without an outcome twice in a row: dead, so a job that kills its runner cannot loop
+    for ever (it ends dead one run later than its attempts)."""
+    return attempt > policy.max_attempts + 1

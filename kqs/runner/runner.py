@@ -1,7 +1,9 @@
 """The runner process: wires links, workers and reporters; starts them and stops them.
 
 One `ServerLink` per `--server`, one `TubeWorker` per (server, job type), one `Slots`
-per job type (shared by its workers), one thread pool for sync Python handlers. Finished
+per job type (shared by its workers), and per Python job type one thread pool as large
+as its concurrency, whose threads still in a handler given up on hold one of that type's
+slots (kqs.runner.handlers.ThreadPool). Finished
 jobs are reported to the server that owns them (the node named in the job id), or to the
 server they were reserved through when no linked server has that node name.
 
@@ -64,14 +66,16 @@ class Runner:
             raise ValueError("at least one server is needed")
         self.config = config
         self.flush_seconds = flush_seconds
-        python = sum(
-            t.concurrency for t in config.types.values() if isinstance(t.handler, PythonTarget)
-        )
-        self.threads = ThreadPool(python)
+        self.slots = {name: Slots(t.concurrency) for name, t in config.types.items()}
+        self.pools = {
+            name: ThreadPool(t.concurrency, name=name, hold=self.slots[name].hold)
+            for name, t in config.types.items()
+            if isinstance(t.handler, PythonTarget)
+        }
         self.handlers = (
             dict(handlers)
             if handlers is not None
-            else {name: make_handler(t, self.threads) for name, t in config.types.items()}
+            else {name: make_handler(t, self.pools.get(name)) for name, t in config.types.items()}
         )
         self.links = [
             ServerLink(s, clock, on_hello=self._hello, token=token, tls=tls)
@@ -79,7 +83,6 @@ class Runner:
         ]
         self._by_node: dict[str, ServerLink] = {}
         self.bulk_stores = BulkStores()
-        self.slots = {name: Slots(t.concurrency) for name, t in config.types.items()}
         self.workers = [
             TubeWorker(
                 t,
@@ -147,6 +150,11 @@ class Runner:
     def running(self) -> int:
         return sum(w.running for w in self.workers)
 
+    @property
+    def threads_busy(self) -> int:
+        """Threads of every type's pool still in a sync handler."""
+        return sum(pool.busy for pool in self.pools.values())
+
     async def run(self, *, handle_signals: bool = True) -> int:
         """Run until stopped; return the exit status (0, or 130 after an immediate stop)."""
         loop = asyncio.get_running_loop()
@@ -189,7 +197,8 @@ class Runner:
             for link in self.links:
                 await link.close()
             await self.bulk_stores.close()
-            self.threads.shutdown()
+            for pool in self.pools.values():
+                pool.shutdown()
             for sig in sigs:
                 loop.remove_signal_handler(sig)
         log.info("stopped")

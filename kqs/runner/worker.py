@@ -7,6 +7,10 @@ reserved it). The loop:
 - takes free slots from the type's `Slots` (shared by the type's workers on every server,
   so a type runs at most `concurrency` jobs in this process); a full type waits for a
   slot to be given back;
+- reserves nothing while `max_unacked` (MAX_UNACKED) of its jobs await the
+  acknowledgement of their report (a kqs server unreachable while beanstalkd is not):
+  it waits for acknowledgements, so it never holds more than concurrency + max_unacked
+  jobs;
 - when nothing of this connection is running, blocks in `reserve-with-timeout 1` (one
   slot held meanwhile): a blocking reserve holds up every later command on its
   connection, so it is only sent when no delete, release or touch can be waiting behind
@@ -70,6 +74,10 @@ log = logging.getLogger("kqs.runner.worker")
 BLOCKING_RESERVE = 1
 #: Most reserves pipelined in one write.
 MAX_RESERVE_BATCH = 256
+#: Most jobs of one worker awaiting the acknowledgement of their done or dead report
+#: (each kept reserved and touched meanwhile); at this many it reserves no more until
+#: some are acknowledged.
+MAX_UNACKED = 1024
 
 
 class WorkConnection(Protocol):
@@ -132,6 +140,7 @@ class TubeWorker:
         bulk: BulkFor | None = None,
         poll_interval: float = 0.05,
         max_batch: int = MAX_RESERVE_BATCH,
+        max_unacked: int = MAX_UNACKED,
         backoff: Backoff | None = None,
     ) -> None:
         self.config = config
@@ -143,6 +152,7 @@ class TubeWorker:
         self.name = name
         self.poll_interval = poll_interval
         self.max_batch = max_batch
+        self.max_unacked = max_unacked
         self._backoff = backoff or Backoff(base=0.2, cap=10.0)
         self._stopping = asyncio.Event()
         self._aborting = False
@@ -150,6 +160,8 @@ class TubeWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_handler: set[asyncio.Task[Any]] = set()
         self._awaiting_ack: set[asyncio.Future[bool]] = set()
+        self._acks_came = asyncio.Event()  # set when a report is settled (or on stop)
+        self._held_back = False  # reserving waits for acknowledgements (for the log)
         self._leases = Leases()
         self.started = 0
         self.connected = False
@@ -171,6 +183,7 @@ class TubeWorker:
         """Take no more jobs; running ones go on (see `abort`)."""
         self._stopping.set()
         self.slots.wake()
+        self._acks_came.set()
         if self._lane is not None:
             self._lane.changed.set()
 
@@ -248,6 +261,9 @@ class TubeWorker:
             if self.slots.free <= 0:
                 await self.slots.wait()
                 continue
+            if len(self._awaiting_ack) >= self.max_unacked:
+                await self._wait_for_acks()
+                continue
             if lane.inflight == 0 and ready_hint <= 0:
                 jobs = await self._reserve_blocking(lane)
             else:
@@ -269,6 +285,20 @@ class TubeWorker:
                 first = False
             if jobs:
                 await self._start(lane, jobs)
+
+    async def _wait_for_acks(self) -> None:
+        """Wait until a report of this worker is settled (or stopping): too many of its
+        jobs await acknowledgement to reserve more."""
+        if not self._held_back:  # said once until half of them are acknowledged
+            self._held_back = True
+            log.warning(
+                "%s: %d finished job(s) await the acknowledgement of their report;"
+                " reserving no more until some are acknowledged",
+                self.name,
+                len(self._awaiting_ack),
+            )
+        self._acks_came.clear()
+        await self._acks_came.wait()
 
     async def _ready_count(self, lane: Lane[WorkConnection]) -> int:
         """How many jobs are ready in this worker's tube now."""
@@ -378,8 +408,8 @@ class TubeWorker:
         if exhausted_before_run(policy, attempt):
             outcome = Outcome.dead(
                 f"no attempts left: reserved {attempt} times, max_attempts is"
-                f" {policy.max_attempts}; the last runs ended without an outcome"
-                " (runner crash, lost connection or shutdown)"
+                f" {policy.max_attempts} (+1 when an outcome is lost); the last runs ended"
+                " without an outcome (runner crash, lost connection or shutdown)"
             )
         elif is_reference(body):
             loaded = await self._load_bulk(job_id)
@@ -396,6 +426,7 @@ class TubeWorker:
             touch=touch,
             max_attempts=policy.max_attempts,
             prio=prio,
+            loop=asyncio.get_running_loop(),
         )
         if outcome is None:
             outcome = await self._run_handler(ctx, body)
@@ -459,6 +490,10 @@ class TubeWorker:
             return await acked
         finally:
             self._awaiting_ack.discard(acked)
+            self._acks_came.set()
+            if self._held_back and len(self._awaiting_ack) <= self.max_unacked // 2:
+                self._held_back = False
+                log.info("%s: reports are acknowledged again", self.name)
 
     async def _apply(
         self, lane: Lane[WorkConnection], bid: int, prio: int, verdict: Verdict

@@ -5,7 +5,8 @@ checks from outside. A line is one O_APPEND write: lines from concurrent runs ne
 
 Run as a program (`python -m tests.integration.runner_handlers`) it is a command handler:
 it reads the job from stdin, records it, and exits with `data["exit"]` (a number, or a
-list indexed by attempt - 1, the last entry repeating).
+list indexed by attempt - 1, the last entry repeating); failing, it asks for a retry
+after `data["retry_after"]` seconds if given.
 """
 
 from __future__ import annotations
@@ -74,6 +75,28 @@ def hopeless(job: JobContext) -> None:
     raise Fail("cannot ever work")
 
 
+def interrupted(job: JobContext) -> None:
+    """Raises KeyboardInterrupt on its first attempt, then succeeds."""
+    record("interrupted", "run", job.id, job.attempt)
+    if job.attempt == 1:
+        raise KeyboardInterrupt("interrupted in the handler")
+
+
+async def interrupted_async(job: JobContext) -> None:
+    """Like `interrupted`, on the event loop."""
+    interrupted(job)
+
+
+def touching(job: JobContext) -> None:
+    """Touches its job from its thread; records `touched:<result>`."""
+    record("touch", f"touched:{job.touch_sync()}", job.id, job.attempt)
+
+
+async def touching_async(job: JobContext) -> None:
+    """Touches its job on the event loop; records `touched:<result>`."""
+    record("touch", f"touched:{await job.touch()}", job.id, job.attempt)
+
+
 def by_attempt(value: Any, attempt: int) -> Any:
     """`value`, or for a list its entry for `attempt` (the last one repeating)."""
     return value[min(attempt, len(value)) - 1] if isinstance(value, list) else value
@@ -126,6 +149,8 @@ def command_main() -> int:
     code = by_attempt(job["data"]["exit"], attempt)
     if code:
         print(f"command failing with {code} on attempt {attempt}", file=sys.stderr)
+        if "retry_after" in job["data"]:
+            print(f"kqs-retry-after: {job['data']['retry_after']}", file=sys.stderr)
     return int(code)
 
 

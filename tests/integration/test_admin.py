@@ -229,7 +229,8 @@ def test_concurrent_changes_of_one_dead_job_take_effect_once(
 
         def jobs_in_tube() -> int:
             tube = bs.stats_tube("twice")
-            return sum(int(tube[f"current-jobs-{s}"]) for s in ("ready", "reserved", "buried"))
+            ready, reserved = tube["current-jobs-ready"], tube["current-jobs-reserved"]
+            return int(ready) + int(reserved) + int(tube["current-jobs-buried"])
 
         wait_until(lambda: jobs_in_tube() == copies, timeout=10, what=f"{copies} copies")
     stats = kqs_stats(kqs.port)

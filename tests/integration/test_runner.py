@@ -7,12 +7,14 @@ what they did to files, which the tests read.
 from __future__ import annotations
 
 import base64
+import itertools
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import greenstalk
 import orjson
 import pytest
 
@@ -33,6 +35,16 @@ from tests.support import BeanstalkdProcess, KqsProcess, wait_until
 def insert(server: KqsProcess, type_: str, data: object = None, **fields: object) -> str:
     ids: list[str] = call(server, "insert", {"type": type_, "data": data, **fields})["ids"]
     return ids[0]
+
+
+def insert_many(server: KqsProcess, type_: str, data: list[object]) -> list[str]:
+    """One insert call of one job per item of `data`."""
+    ids: list[str] = call(server, "insert", [{"type": type_, "data": d} for d in data])["ids"]
+    return ids
+
+
+def dead_ids(server: KqsProcess) -> set[str]:
+    return {j["id"] for j in call(server, "dead", {})["jobs"]}
 
 
 def test_a_successful_job_runs_exactly_once_and_is_retired(
@@ -93,7 +105,7 @@ def test_poison_job_goes_dead_and_retry_brings_it_back(tmp_path: Path, server: K
     jobs = f"""
 [types.poison]
 handler = "{HANDLERS}:poison"
-retry = {{ max_attempts = 3, backoff = "constant", base = 0 }}
+retry = {{ max_attempts = 3, backoff = "constant", base = 2, jitter = 0 }}
 [types.hopeless]
 handler = "{HANDLERS}:hopeless"
 [types.ok]
@@ -104,7 +116,12 @@ handler = "{HANDLERS}:ok"
         wait_watching(server, "ok")
         poison_id = insert(server, "poison", "pill")
         hopeless_id = insert(server, "hopeless")
-        ok_ids = [insert(server, "ok", n) for n in range(50)]
+        wait_until(lambda: bool(read_records(out, "poison")), what="the poison job's first run")
+        ok_ids = insert_many(server, "ok", list(range(50)))
+        wait_until(lambda: type_stats(server, "ok").get("done") == 50, what="the ok jobs done")
+        # other jobs flowed while the poison job was still being retried
+        assert poison_id not in dead_ids(server)
+        assert len(read_records(out, "poison")) < 3
         wait_until(
             lambda: (
                 call(server, "stats")["dead_jobs"] == 2 and call(server, "stats")["live_jobs"] == 0
@@ -112,9 +129,10 @@ handler = "{HANDLERS}:ok"
             timeout=30,
             what="two dead jobs, nothing live",
         )
-        # other jobs kept flowing
         assert Counter(r.id for r in read_records(out, "ok")) == Counter({i: 1 for i in ok_ids})
-        assert [r.attempt for r in read_records(out, "poison")] == [1, 2, 3]
+        poison_runs = read_records(out, "poison")
+        assert [r.attempt for r in poison_runs] == [1, 2, 3]
+        assert all(b.at - a.at > 1.9 for a, b in itertools.pairwise(poison_runs))
         assert [r.attempt for r in read_records(out, "hopeless")] == [1]  # Fail: no retry
 
         listed = orjson.loads(
@@ -277,3 +295,147 @@ def test_large_payloads_come_from_the_bulk_store_and_base64_becomes_bytes(
         small: "1:bytes:1024",
         large: "200000:bytes:1024",
     }
+
+
+def test_a_hung_sync_handler_holds_its_own_type_back_only(
+    tmp_path: Path, server: KqsProcess
+) -> None:
+    """A sync handler past its timeout keeps its thread, and one of its type's slots,
+    until it returns: the rest of its type waits; other types run at once, on threads of
+    their own (a job never waits for a thread, its timeout running)."""
+    out = tmp_path / "out"
+    jobs = f"""
+[types.hang]
+handler = "{HANDLERS}:slow_sync"
+concurrency = 1
+timeout = 0.3
+retry = {{ base = 600 }}
+[types.ok]
+handler = "{HANDLERS}:ok"
+concurrency = 1
+timeout = 1
+retry = {{ backoff = "constant", base = 1, jitter = 0 }}
+"""
+    with RunnerProcess(tmp_path, jobs, [server], out) as runner:
+        wait_watching(server, "hang")
+        wait_watching(server, "ok")
+        insert_many(server, "hang", [{"seconds": 3}, {"seconds": 3}])
+        wait_until(lambda: bool(read_records(out, "slow")), what="a hang job started")
+        time.sleep(0.8)  # the first run has timed out; its thread sleeps on
+        ok_id = insert(server, "ok", 1)
+        wait_until(lambda: type_stats(server, "ok").get("done") == 1, timeout=30, what="ok done")
+        assert [(r.id, r.attempt) for r in read_records(out, "ok")] == [(ok_id, 1)]
+
+        def starts() -> list[Any]:
+            return [r for r in read_records(out, "slow") if r.event == "start"]
+
+        wait_until(lambda: len(starts()) == 2, timeout=10, what="the second hang job started")
+        first, second = starts()
+        (first_end,) = [r for r in read_records(out, "slow") if r.event == "end"]
+        assert first_end.id == first.id and second.at >= first_end.at
+        assert runner.alive()
+        assert runner.stop() == 0, runner.log_tail()
+    assert "its thread keeps one of the type's slots" in runner.log_tail(100_000)
+
+
+def test_a_handler_raising_keyboard_interrupt_is_retried(
+    tmp_path: Path, server: KqsProcess
+) -> None:
+    out = tmp_path / "out"
+    jobs = f"""
+[types.interrupted]
+handler = "{HANDLERS}:interrupted"
+retry = {{ backoff = "constant", base = 0 }}
+[types.interrupted-async]
+handler = "{HANDLERS}:interrupted_async"
+retry = {{ backoff = "constant", base = 0 }}
+"""
+    with RunnerProcess(tmp_path, jobs, [server], out) as runner:
+        wait_watching(server, "interrupted")
+        wait_watching(server, "interrupted-async")
+        ids = [insert(server, "interrupted"), insert(server, "interrupted-async")]
+        wait_finished(server, timeout=20)
+        assert runner.alive()
+        assert runner.stop() == 0, runner.log_tail()
+    runs = Counter((r.id, r.attempt) for r in read_records(out, "interrupted"))
+    assert runs == Counter({(i, n): 1 for i in ids for n in (1, 2)})
+    assert call(server, "stats")["finished"] == {"done": 2, "dead": 0}
+    assert "KeyboardInterrupt: interrupted in the handler" in runner.log_tail(100_000)
+
+
+def test_handlers_touch_their_jobs(
+    tmp_path: Path, beanstalkd: BeanstalkdProcess, server: KqsProcess
+) -> None:
+    """`job.touch_sync()` (sync handlers) and `await job.touch()` (async ones) reach
+    beanstalkd: with a TTR of 100 s the runner touches nothing of its own meanwhile."""
+    out = tmp_path / "out"
+    jobs = f"""
+[types.touch]
+handler = "{HANDLERS}:touching"
+[types.touch-async]
+handler = "{HANDLERS}:touching_async"
+"""
+
+    def touches() -> int:
+        with greenstalk.Client((beanstalkd.host, beanstalkd.port)) as bs:
+            return int(bs.stats()["cmd-touch"])
+
+    with RunnerProcess(tmp_path, jobs, [server], out) as runner:
+        wait_watching(server, "touch")
+        wait_watching(server, "touch-async")
+        before = touches()
+        ids = {insert(server, "touch", ttr=100), insert(server, "touch-async", ttr=100)}
+        wait_finished(server, timeout=20)
+        assert touches() - before == 2
+        assert runner.stop() == 0, runner.log_tail()
+    assert {(r.id, r.event) for r in read_records(out, "touch")} == {
+        (i, "touched:True") for i in ids
+    }
+
+
+def test_a_command_asks_for_its_retry_delay(tmp_path: Path, server: KqsProcess) -> None:
+    out = tmp_path / "out"
+    jobs = f"""
+[types.cmd]
+command = ["{sys.executable}", "-m", "{HANDLERS}"]
+retry = {{ max_attempts = 3, backoff = "constant", base = 0 }}
+"""
+    with RunnerProcess(tmp_path, jobs, [server], out) as runner:
+        wait_watching(server, "cmd")
+        job_id = insert(server, "cmd", {"exit": [3, 0], "retry_after": 2})
+        wait_finished(server, timeout=30)
+        assert runner.stop() == 0, runner.log_tail()
+    first, second = read_records(out, "command")
+    assert (first.id, first.attempt, second.id, second.attempt) == (job_id, 1, job_id, 2)
+    assert 1.9 < second.at - first.at < 4, second.at - first.at  # not the policy's 0 s
+
+
+def test_reports_go_to_the_server_that_owns_the_job(
+    tmp_path: Path, beanstalkd: BeanstalkdProcess
+) -> None:
+    """Two kqs servers share one beanstalkd: a runner linked to both reserves each job
+    through either; its report must go to the server named in the job's id (the other
+    would answer not_found, and the owner would keep the job unfinished)."""
+    shared = f"{beanstalkd.host}:{beanstalkd.port}"
+    servers = [
+        KqsProcess(tmp_path / "a", beanstalkd=shared, node="na"),
+        KqsProcess(tmp_path / "b", beanstalkd=shared, node="nb"),
+    ]
+    out = tmp_path / "out"
+    jobs = f'[types.ok]\nhandler = "{HANDLERS}:ok"\nconcurrency = 4\n'
+    try:
+        for kqs in servers:
+            kqs.start()
+        with RunnerProcess(tmp_path, jobs, servers, out) as runner:
+            wait_watching(servers[0], "ok", runners=2)  # one connection per server
+            ids = [insert(servers[n % 2], "ok", n) for n in range(40)]
+            wait_until(lambda: len(read_records(out, "ok")) >= 40, timeout=30, what="40 runs")
+            for kqs in servers:
+                wait_finished(kqs, timeout=20)
+                assert call(kqs, "stats")["finished"] == {"done": 20, "dead": 0}
+            assert runner.stop() == 0, runner.log_tail()
+        assert Counter(r.id for r in read_records(out, "ok")) == Counter({i: 1 for i in ids})
+        assert {i.rpartition("-")[0] for i in ids} == {"na", "nb"}
+    finally:
+        for kqs in servers:
+            kqs.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +16,14 @@ import pytest
 from kqs.errors import ConfigError
 from kqs.runner import Dead, Fail, JobContext, Retry
 from kqs.runner.config import CommandTarget, PythonTarget, TypeConfig
-from kqs.runner.handlers import CommandHandler, PythonHandler, ThreadPool, make_handler
+from kqs.runner.handlers import (
+    CommandHandler,
+    PythonHandler,
+    StderrTail,
+    ThreadPool,
+    make_handler,
+)
+from kqs.runner.lanes import Slots
 from kqs.runner.outcome import MAX_ERROR_CHARS, Outcome, outcome_of_exception
 from tests.support import wait_until
 
@@ -112,6 +120,9 @@ def test_callable_object_with_async_call() -> None:
         ),
         (TimeoutError("own timeout"), Outcome("retry", "TimeoutError: own timeout")),
         (SystemExit(3), Outcome("retry", "SystemExit: 3")),
+        (SystemExit(0), Outcome("retry", "SystemExit: 0")),
+        (KeyboardInterrupt("stop"), Outcome("retry", "KeyboardInterrupt: stop")),
+        (KeyboardInterrupt(), Outcome("retry", "KeyboardInterrupt")),
     ],
 )
 def test_raised_exceptions_map(is_async: bool, exc: BaseException, expected: Outcome) -> None:
@@ -138,23 +149,103 @@ def test_async_handler_is_cancelled_at_its_timeout() -> None:
     assert cancelled == [True]
 
 
-def test_sync_handler_past_its_timeout_is_a_failure() -> None:
+def test_sync_handler_past_its_timeout_is_a_failure_and_its_thread_keeps_a_slot() -> None:
     release = threading.Event()
-    threads = ThreadPool(1)
+    slots = Slots(2)
+    threads = ThreadPool(2, name="t", hold=slots.hold)
 
     def handler(ctx: JobContext) -> None:
         release.wait(10)
 
-    async def main() -> tuple[Outcome, int]:
+    async def main() -> None:
+        slots.take(1)  # the job's own slot, as the worker takes it
         out = await PythonHandler(handler, threads).run(job(), BODY, 0.05)
-        return out, threads.busy
+        assert out == Outcome("retry", "timed out after 0.05 s")
+        slots.give(1)  # the worker gives the job's slot back: the thread keeps one
+        assert (slots.used, threads.busy, threads.outliving) == (1, 1, 1)
+        release.set()
+        await asyncio.to_thread(wait_until, lambda: threads.busy == 0, what="thread done")
+        for _ in range(100):
+            if slots.used == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (slots.used, threads.outliving) == (0, 0)
 
-    out, busy = asyncio.run(main())
-    assert out == Outcome("retry", "timed out after 0.05 s")
-    assert busy == 1  # its thread cannot be stopped; it is counted until it returns
+    asyncio.run(main())
+    threads.shutdown()
+
+
+def test_a_thread_outliving_its_event_loop_is_no_error(caplog: pytest.LogCaptureFixture) -> None:
+    """The slot's give-back is scheduled on the runner's loop; a loop closed by the time
+    the thread returns (the runner stopped) is not an error."""
+    release = threading.Event()
+    slots = Slots(1)
+    threads = ThreadPool(1, hold=slots.hold)
+
+    def handler(ctx: JobContext) -> None:
+        release.wait(10)
+
+    out = asyncio.run(PythonHandler(handler, threads).run(job(), BODY, 0.05))
+    assert out.kind == "retry" and slots.used == 1
+    release.set()
+    with caplog.at_level(logging.ERROR):
+        threads.executor.shutdown(wait=True)
+    assert threads.busy == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_sync_run_given_up_before_it_started_holds_nothing() -> None:
+    """A run still queued (its pool full) when it times out is cancelled, never run."""
+    release = threading.Event()
+    slots = Slots(1)
+    threads = ThreadPool(1, hold=slots.hold)
+    ran: list[str] = []
+
+    def blocker() -> None:
+        release.wait(10)
+
+    def handler(ctx: JobContext) -> None:
+        ran.append(ctx.id)
+
+    async def main() -> Outcome:
+        threads.executor.submit(blocker)
+        return await PythonHandler(handler, threads).run(job(), BODY, 0.05)
+
+    assert asyncio.run(main()) == Outcome("retry", "timed out after 0.05 s")
     release.set()
     threads.executor.shutdown(wait=True)
-    assert threads.busy == 0
+    assert ran == [] and slots.used == 0 and threads.outliving == 0
+
+
+def test_touch_sync_runs_the_touch_on_the_loop_and_not_from_it() -> None:
+    touched_on: list[bool] = []
+
+    async def touch() -> bool:
+        touched_on.append(threading.current_thread() is threading.main_thread())
+        return True
+
+    async def main() -> None:
+        ctx = JobContext("n1-1", "t", None, 1, 30, touch, loop=asyncio.get_running_loop())
+        assert await asyncio.to_thread(ctx.touch_sync) is True
+        with pytest.raises(RuntimeError, match="await touch"):
+            ctx.touch_sync()  # on the loop itself it would wait for itself
+
+    asyncio.run(main())
+    assert touched_on == [True]
+    with pytest.raises(RuntimeError, match="no event loop"):
+        job().touch_sync()
+
+
+def test_touch_sync_gives_up_after_its_timeout() -> None:
+    async def slow_touch() -> bool:
+        await asyncio.sleep(30)
+        return True
+
+    async def main() -> bool:
+        ctx = JobContext("n1-1", "t", None, 1, 30, slow_touch, loop=asyncio.get_running_loop())
+        return await asyncio.to_thread(ctx.touch_sync, 0.05)
+
+    assert asyncio.run(main()) is False
 
 
 # --- command handlers -------------------------------------------------------------------
@@ -188,6 +279,52 @@ def test_command_dead_exit_code_is_dead() -> None:
     )
     assert run_command(sh("exit 7", dead_exit_code=7)) == Outcome("dead", "exit code 7")
     assert run_command(sh("exit 100", dead_exit_code=7)).kind == "retry"
+
+
+def test_command_asks_for_its_retry_delay_on_stderr() -> None:
+    script = (
+        "echo oops >&2; echo 'kqs-retry-after: 5' >&2; echo ' kqs-retry-after:  42.5 ' >&2;"
+        " echo after >&2; exit 3"
+    )
+    assert run_command(sh(script)) == Outcome("retry", "exit code 3: oops\nafter", 42.5)
+    # the line counts for a signal too; it is never part of the error
+    assert run_command(sh("echo 'kqs-retry-after: 3' >&2; kill -9 $$")) == Outcome(
+        "retry", "killed by signal 9", 3
+    )
+
+
+def test_a_retry_delay_line_only_counts_when_the_exit_means_retry() -> None:
+    line = "echo 'kqs-retry-after: 5' >&2; "
+    assert run_command(sh(line + "exit 0")) == Outcome.done()
+    assert run_command(sh(line + "exit 100")) == Outcome("dead", "exit code 100")
+    out = run_command(sh(line + "sleep 30"), limit=0.3)
+    assert out == Outcome("retry", "timed out after 0.3 s (killed)")
+
+
+def test_a_retry_delay_line_that_names_no_delay_is_text() -> None:
+    for value in ("soon", "-1", "nan", ""):
+        out = run_command(sh(f"echo 'kqs-retry-after: {value}' >&2; exit 3"))
+        assert out == Outcome("retry", f"exit code 3: kqs-retry-after: {value}".strip())
+
+
+def test_a_retry_delay_line_counts_even_before_the_kept_tail() -> None:
+    script = "echo 'kqs-retry-after: 7' >&2; head -c 5000 /dev/zero | tr '\\0' x >&2; exit 3"
+    out = run_command(sh(script))
+    assert out.delay == 7 and out.error is not None
+    assert out.error == "..." + "x" * (MAX_ERROR_CHARS - 3)
+
+
+def test_stderr_tail_is_the_same_however_the_stream_is_cut() -> None:
+    stream = b"first\r\nkqs-retry-after: 1\n" + b"y" * 600 + b"\nkqs-retry-after: 9\r\nlast"
+    whole = StderrTail(100)
+    whole.feed(stream)
+    whole.close()
+    bytewise = StderrTail(100)
+    for n in range(len(stream)):
+        bytewise.feed(stream[n : n + 1])
+    bytewise.close()
+    assert whole.retry_after == bytewise.retry_after == 9
+    assert bytes(whole.tail) == bytes(bytewise.tail) == b"y" * 95 + b"\nlast"
 
 
 def test_command_that_ignores_stdin_is_fine() -> None:

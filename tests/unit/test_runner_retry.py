@@ -106,7 +106,15 @@ def test_decide_uses_a_requested_delay_rounded_up_and_clamped() -> None:
     assert decide(policy, "retry", 5, delay=1) == Verdict("bury", exhausted=True)
 
 
-def test_a_job_reserved_beyond_its_attempts_is_dead_without_running() -> None:
+def test_a_job_reserved_beyond_its_attempts_runs_once_more_then_is_dead_without_running() -> None:
     policy = RetryPolicy(max_attempts=3)
     assert not exhausted_before_run(policy, 3)
-    assert exhausted_before_run(policy, 4)
+    # run 3's outcome was lost (say a done report never acknowledged): one more run
+    assert not exhausted_before_run(policy, 4)
+    assert exhausted_before_run(policy, 5)
+    assert exhausted_before_run(RetryPolicy(max_attempts=1), 3)
+    assert not exhausted_before_run(RetryPolicy(max_attempts=1), 2)
+    # the extra run settles it: done is done, any failure is final
+    assert decide(policy, "done", 4) == Verdict("delete")
+    assert decide(policy, "retry", 4, delay=0) == Verdict("bury", exhausted=True)
+    assert decide(policy, "dead", 4) == Verdict("bury")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import pytest
 
 from kqs.beanstalk import DeadlineSoon, JobInfo, ReservedJob
 from kqs.runner import Fail, JobContext, Retry
@@ -150,20 +152,27 @@ def make_worker(
     *,
     policy: RetryPolicy | None = None,
     concurrency: int = 4,
+    timeout: float | None = None,
+    **options: Any,
 ) -> TubeWorker:
-    config = TypeConfig("t", PythonTarget("x:y"), concurrency, None, policy or RetryPolicy())
+    """A worker of type "t" on `tube`, its sync calls in a pool wired to its slots as the
+    runner wires them; `options` go to TubeWorker."""
+    config = TypeConfig("t", PythonTarget("x:y"), concurrency, timeout, policy or RetryPolicy())
+    slots = Slots(concurrency)
+    pool = ThreadPool(concurrency, name="t", hold=slots.hold)
 
     async def connect(refresh: bool) -> FakeConnection:
         return FakeConnection(tube)
 
     return TubeWorker(
         config,
-        PythonHandler(handler, ThreadPool(1)),
-        Slots(concurrency),
+        PythonHandler(handler, pool),
+        slots,
         connect,
         reports,
         name="t@test",
         poll_interval=0.001,
+        **options,
     )
 
 
@@ -261,10 +270,10 @@ def test_retry_with_a_delay_and_fail() -> None:
     run(test)
 
 
-def test_a_job_reserved_past_its_attempts_is_dead_without_running() -> None:
+def test_a_job_reserved_twice_past_its_attempts_is_dead_without_running() -> None:
     async def test() -> None:
         tube = FakeTube()
-        bid = tube.put("n1-1", reserves=3)  # the 4th reservation of a 3-attempt job
+        bid = tube.put("n1-1", reserves=4)  # the 5th reservation of a 3-attempt job
         ran: list[str] = []
         reports = Reports()
         worker = make_worker(
@@ -274,8 +283,127 @@ def test_a_job_reserved_past_its_attempts_is_dead_without_running() -> None:
         await until(lambda: tube.jobs[bid].state == "buried")
         assert not ran
         (dead,) = reports.items
-        assert dead.attempts == 4 and dead.error is not None
+        assert dead.attempts == 5 and dead.error is not None
         assert dead.error.startswith("no attempts left")
+        worker.stop_reserving()
+        await task
+
+    run(test)
+
+
+def test_a_job_whose_last_outcome_was_lost_runs_once_more() -> None:
+    """Reserved for attempt max_attempts + 1 (say attempt 3 succeeded but its done report
+    was never acknowledged), a job runs again: done now is done; a failure is final."""
+
+    async def test() -> None:
+        tube = FakeTube()
+        succeeds = tube.put("n1-1", "ok", reserves=3)  # the 4th reservation, 3 attempts
+        fails = tube.put("n1-2", "fail", reserves=3)
+        ran: list[tuple[str, int]] = []
+
+        def handler(job: JobContext) -> None:
+            ran.append((job.id, job.attempt))
+            if job.data == "fail":
+                raise Retry("still failing", delay=0)
+
+        reports = Reports()
+        worker = make_worker(tube, handler, reports, policy=RetryPolicy(max_attempts=3))
+        task = asyncio.create_task(worker.run())
+        await until(lambda: succeeds not in tube.jobs and tube.jobs[fails].state == "buried")
+        assert sorted(ran) == [("n1-1", 4), ("n1-2", 4)]
+        outcomes = {i.id: (i.outcome, i.error, i.attempts) for i in reports.items}
+        assert outcomes == {"n1-1": ("done", None, None), "n1-2": ("dead", "still failing", 4)}
+        worker.stop_reserving()
+        await task
+
+    run(test)
+
+
+def test_a_sync_handler_past_its_timeout_keeps_its_slot_until_its_thread_returns() -> None:
+    """Concurrency 1: while the thread of a timed-out run is still in the handler, no
+    other job of the type is reserved (it would wait for a thread, its timeout running);
+    once the thread returns, the next job runs at once."""
+
+    async def test() -> None:
+        tube = FakeTube()
+        hung = tube.put("n1-1", "hang")
+        later = tube.put("n1-2", "quick")
+        release = threading.Event()
+        ran: list[str] = []
+
+        def handler(job: JobContext) -> None:
+            ran.append(job.id)
+            if job.data == "hang":
+                release.wait(10)
+
+        reports = Reports()
+        policy = RetryPolicy(base=100, jitter=0)
+        worker = make_worker(tube, handler, reports, policy=policy, concurrency=1, timeout=0.05)
+        task = asyncio.create_task(worker.run())
+        await until(lambda: tube.jobs[hung].state == "delayed")  # timed out: retry later
+        for _ in range(50):
+            await asyncio.sleep(0.002)
+        assert tube.jobs[later].reserves == 0 and ran == ["n1-1"]
+        assert worker.slots.used == 1  # held by the thread still in the handler
+        release.set()
+        await until(lambda: later not in tube.jobs)
+        assert ran == ["n1-1", "n1-2"]
+        assert [(i.id, i.outcome) for i in reports.items] == [("n1-2", "done")]
+        worker.stop_reserving()
+        await task
+        assert worker.slots.used == 0
+
+    run(test)
+
+
+def test_reserving_waits_while_too_many_reports_are_unacknowledged() -> None:
+    async def test() -> None:
+        tube = FakeTube()
+        for n in range(10):
+            tube.put(f"n1-{n}")
+
+        async def handler(job: JobContext) -> None:
+            pass
+
+        reports = Reports(auto=False)
+        worker = make_worker(tube, handler, reports, concurrency=1, max_unacked=3)
+        task = asyncio.create_task(worker.run())
+        await until(lambda: len(reports.items) == 3)
+        for _ in range(50):
+            await asyncio.sleep(0.002)
+        assert len(reports.items) == 3 and len(tube.ready()) == 7  # no more reserved
+        reports.auto = True
+        reports.ack_all()
+        await until(lambda: not tube.jobs)
+        assert len(reports.items) == 10
+        worker.stop_reserving()
+        await task
+
+    run(test)
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_a_handler_touches_its_job(is_async: bool) -> None:
+    """`await job.touch()` on the loop, `job.touch_sync()` from a sync handler's thread:
+    beanstalkd sees a touch (the TTR of 30 s means no touch of the runner's own yet)."""
+
+    async def test() -> None:
+        tube = FakeTube()
+        bid = tube.put("n1-1")
+        touched: list[bool] = []
+
+        def sync_handler(job: JobContext) -> None:
+            touched.append(job.touch_sync())
+
+        async def async_handler(job: JobContext) -> None:
+            touched.append(await job.touch())
+
+        reports = Reports()
+        worker = make_worker(tube, async_handler if is_async else sync_handler, reports)
+        task = asyncio.create_task(worker.run())
+        await until(lambda: bid not in tube.jobs)
+        assert touched == [True]
+        assert tube.log == [("touch", bid), ("delete", bid)]
         worker.stop_reserving()
         await task
 
