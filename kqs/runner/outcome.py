@@ -80,3 +80,8 @@ def outcome_of_exception(exc: BaseException) -> Outcome:
     if isinstance(exc, Fail):
         return Outcome.dead(describe(exc))
     return Outcome.retry(describe(exc))
+
+
+def timed_out(limit: float | None, what: str = "") -> str:
+    """The error of a run stopped at its time limit."""
+    return f"timed out after {limit:g} s{what}"

@@ -24,8 +24,8 @@ import pytest
 
 from kqs.client import Client
 from kqs.runner import JobContext
-from kqs.runner import handlers as runner_handlers
-from kqs.runner.handlers import CommandHandler
+from kqs.runner import command as runner_command
+from kqs.runner.command import CommandHandler
 from tests.faults.handlers import runs
 from tests.faults.support import Figures, LoadGen, sample
 from tests.integration.runner_support import RunnerProcess, call, wait_watching
@@ -214,13 +214,13 @@ def test_a_command_gone_before_its_stdin_is_written_still_has_an_outcome(
     (On uvloop, `kqs run`'s loop, the write used to raise RuntimeError, and the job was
     left reserved until its TTR.)"""
     uvloop = pytest.importorskip("uvloop")
-    write_stdin = runner_handlers._write_stdin
+    write_stdin = runner_command._write_stdin
 
     async def late(stream: asyncio.StreamWriter | None, data: bytes) -> None:
         await asyncio.sleep(0.3)  # the runner was busy: the program is gone already
         await write_stdin(stream, data)
 
-    monkeypatch.setattr(runner_handlers, "_write_stdin", late)
+    monkeypatch.setattr(runner_command, "_write_stdin", late)
     handler = CommandHandler(("sh", "-c", script), 100)
     job = JobContext("n1-00000000000000001", "t", None, 1, 10, _no_touch)
     outcome = uvloop.run(handler.run(job, {"id": job.id}, None))

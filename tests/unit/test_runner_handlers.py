@@ -15,14 +15,9 @@ import pytest
 
 from kqs.errors import ConfigError
 from kqs.runner import Dead, Fail, JobContext, Retry
+from kqs.runner.command import CommandHandler, StderrTail
 from kqs.runner.config import CommandTarget, PythonTarget, TypeConfig
-from kqs.runner.handlers import (
-    CommandHandler,
-    PythonHandler,
-    StderrTail,
-    ThreadPool,
-    make_handler,
-)
+from kqs.runner.handlers import PythonHandler, ThreadPool, make_handler
 from kqs.runner.lanes import Slots
 from kqs.runner.outcome import MAX_ERROR_CHARS, Outcome, outcome_of_exception
 from tests.support import wait_until
