@@ -83,7 +83,8 @@ def _warn_if_exposed(config: ServerConfig) -> None:
 
 
 async def collect_orphans(service: Service, clock: Clock, interval: float) -> None:
-    """Every `interval` seconds, delete bulk payloads whose jobs are finished."""
+    """Every `interval` seconds, delete this server's bulk payloads of no unfinished job
+    that are older than the gc window (Service.gc)."""
     while True:
         await clock.sleep(interval)
         try:

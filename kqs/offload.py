@@ -9,7 +9,8 @@ feeder a reference body to put instead:
     {"id": "<kqs id>", "type": "<type>", "bulk": <size of the full body>, "ttr": <ttr>}
 
 Runners see `bulk` and fetch the full body from the store. While the store is down,
-large jobs wait here (counted in `stats`) and small jobs keep flowing. Payloads of
+large jobs wait here (counted in `stats`, with `why` saying why) and small jobs keep
+flowing. Payloads of
 finished jobs are deleted; `collect` removes orphans this node left (e.g. after a crash
 between the store write and the finish).
 """
@@ -78,6 +79,8 @@ class Offloader:
         self._deletes: deque[str] = deque()
         self._wake = asyncio.Event()
         self._stopping = False
+        #: why the last round failed (what keeps large jobs waiting); "" after a good one
+        self._stalled = ""
         self.stats = OffloadStats()
 
     def submit(self, job_id: str) -> None:
@@ -97,6 +100,16 @@ class Offloader:
         """Jobs whose payload is not stored yet (waiting, or being stored now)."""
         return len(self._queue) + self._in_flight
 
+    @property
+    def why(self) -> str:
+        """Why `pending` jobs wait: never empty while one does, empty when none does.
+
+        After a failed round it names the failure (the store unavailable, or any other
+        error, which is retried too); otherwise their payloads are being stored."""
+        if not self.pending:
+            return ""
+        return self._stalled or "their payloads are being written to the bulk store"
+
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
@@ -114,14 +127,17 @@ class Offloader:
             except StoreUnavailable as exc:
                 self.stats.store_available = False
                 self.stats.last_error = str(exc)
+                self._stalled = f"bulk store unavailable: {exc}"
                 log.warning("bulk store unavailable (%s); large jobs wait", exc)
                 await self._clock.sleep(self._backoff.next())
             except Exception as exc:  # a bug must not stop large jobs for good: log, retry
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                self._stalled = f"storing payloads failed, retrying: {self.stats.last_error}"
                 log.exception("bulk store offload failed")
                 await self._clock.sleep(self._backoff.next())
             else:
                 self.stats.store_available = True
+                self._stalled = ""
                 self._backoff.reset()
 
     async def _store_some(self) -> None:
@@ -160,10 +176,20 @@ class Offloader:
             raise failure
 
     async def _delete_some(self) -> None:
+        """Delete the payloads of finished jobs, oldest first. StoreUnavailable leaves the
+        rest for the next round; any other failure drops that one delete (logged): the
+        payload is then an orphan for `collect`, and it cannot hold up storing."""
         while self._deletes:
-            await self.store.delete(self._deletes[0])
+            key = self._deletes[0]
+            try:
+                await self.store.delete(key)
+            except StoreUnavailable:
+                raise
+            except Exception:
+                log.exception("bulk store: cannot delete %s; orphan collection will", key)
+            else:
+                self.stats.deleted += 1
             self._deletes.popleft()
-            self.stats.deleted += 1
 
     async def collect(self, window: float) -> int:
         """Delete this node's payloads older than `window` s whose jobs are finished."""

@@ -356,7 +356,7 @@ class Service:
             "configured": True,
             **asdict(st),
             "waiting": offloader.pending,
-            "why": "" if st.store_available else f"bulk store unavailable: {st.last_error}",
+            "why": offloader.why,
         }
 
     async def _type_stats(self) -> dict[str, dict[str, Any]]:

@@ -3,9 +3,13 @@
 A put writes a temp file in the same directory, sets its modification time to the
 store clock's time (the stored time `list_older_than` reads), fsyncs it, renames it to
 the key's file name and fsyncs the directory: after a crash a key's file is either
-whole or absent. Reads and writes go through aiofiles; calls aiofiles lacks (fsync,
-utime, directory fsync, the directory scan) run in the loop's default executor, so the
-event loop never waits on the disk.
+whole or absent. A put that finds the key's file already there fsyncs the directory
+too: the put that renamed it may have crashed before its own directory fsync, and the
+file's bytes are durable already (it gets its name only after they are fsynced).
+
+Reads and writes go through aiofiles; calls aiofiles lacks (fsync, utime, directory
+fsync, the directory scan) run in the loop's default executor, so the event loop never
+waits on the disk.
 
 Deletes are not fsynced: a crash can bring a deleted payload back, and orphan
 collection (`list_older_than` + `delete`) removes it again.
@@ -80,11 +84,15 @@ class FileStore:
         return f"FileStore({str(self.directory)!r})"
 
     async def put(self, key: str, data: bytes) -> None:
-        """Write `data` to the key's file atomically and durably, unless it exists."""
+        """Write `data` to the key's file atomically and durably, unless it exists; if it
+        does, only fsync the directory (the file's bytes were fsynced before its rename)."""
         path = self.directory / file_name(key)
         self._check_open()
         try:
             if await aiofiles.os.path.exists(path):
+                # Found, maybe renamed by a put that crashed before its directory fsync:
+                # make the name durable before this put reports the payload stored.
+                await _run(self._fsync_dir, self.directory)
                 return
             await self._ensure_dir()
             tmp = self.directory / f"{TMP_PREFIX}{secrets.token_hex(8)}"

@@ -133,6 +133,10 @@ class MongoStore:
         stored_at = self._clock.time()
         with self._errors("put", key):
             if await self._exists(key):
+                # Found, but maybe written by a put that crashed before its write concern
+                # was met: a no-op write with the store's write concern returns only once
+                # everything before it (that upload too) is as durable as a put's.
+                await self._files.update_one({"_id": key}, {"$setOnInsert": {"_id": key}})
                 return
             await self._chunks.delete_many({"files_id": key})  # of an interrupted put
             try:

@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from pymongo import MongoClient
 
 from kqs.client import Client, RemoteError
-from kqs.store import FileStore
+from kqs.clock import SYSTEM_CLOCK, Clock, ManualClock
+from kqs.store import open_store
 from kqs.store.fs import file_name
 from tests.integration.helpers import beanstalk_contents, kqs_stats, wait_fed
+from tests.mongo import MongodProcess, unique_database
 from tests.support import BeanstalkdProcess, KqsProcess, wait_until
 
 MiB = 2**20
@@ -74,29 +79,84 @@ def test_over_the_payload_limit_is_refused_and_nothing_journaled(big_kqs: KqsPro
         big_kqs.kill()
 
 
-def test_gc_collects_old_orphans_only(big_kqs: KqsProcess) -> None:
+@pytest.fixture(params=["file", "mongo"])
+def gc_kqs(
+    request: pytest.FixtureRequest, tmp_path: Path, beanstalkd: BeanstalkdProcess
+) -> Iterator[tuple[KqsProcess, str]]:
+    """A server with a 60 s gc_window on each store, and its bulk store URL."""
+    if request.param == "file":
+        url = (tmp_path / "data" / "bulk").as_uri()
+    else:
+        mongod: MongodProcess = request.getfixturevalue("mongod")
+        url = mongod.url(unique_database())
+    server = KqsProcess(
+        tmp_path / "data",
+        beanstalkd=f"{beanstalkd.host}:{beanstalkd.port}",
+        bulk_store=url,
+        gc_window=60,
+    )
+    server.start()
+    yield server, url
+    server.kill()
+
+
+def backdate(url: str, data_dir: Path, key: str, when: float) -> None:
+    """Make `key`'s stored time `when`, as a payload put then would have it."""
+    if url.startswith("file:"):
+        os.utime(Path(url.removeprefix("file://")) / file_name(key), (when, when))
+        return
+    client: MongoClient[dict[str, Any]] = MongoClient(url)
     try:
-        with Client("127.0.0.1", big_kqs.port) as c:
-            node = c.call("hello")["node"]
-            live = c.insert("big", "q" * (100 * 1024))
-        wait_fed(big_kqs.port)
-        store = FileStore(big_kqs.data_dir / "bulk")
-        old, fresh = f"{node}-00000000000000001", f"{node}-00000000000000002"
-        foreign = "elsewhere-00000000000000003"
-
-        async def plant() -> None:
-            for key in (old, fresh, foreign):
-                await store.put(key, b"orphan")
-
-        asyncio.run(plant())
-        hour_ago = time.time() - 3600
-        for path in bulk_files(big_kqs.data_dir):
-            if path.name != file_name(fresh):
-                os.utime(path, (hour_ago, hour_ago))
-        with Client("127.0.0.1", big_kqs.port) as c:
-            assert c.call("gc") == {"collected": 1}
-        names = {p.name for p in bulk_files(big_kqs.data_dir)}
-        assert len(names) == 3  # the live job's payload, the fresh orphan, the foreign one
-        assert any(live in n for n in names)
+        files = client.get_default_database()["bulk.files"]
+        assert files.update_one({"_id": key}, {"$set": {"metadata.stored_at": when}}).matched_count
     finally:
-        big_kqs.kill()
+        client.close()
+
+
+def stored_keys(url: str, data_dir: Path) -> list[str]:
+    """Every key in the store at `url`, sorted."""
+
+    async def main() -> list[str]:
+        store = open_store(url, data_dir=data_dir)
+        try:
+            return await store.list_older_than(0, now=time.time() + 60)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def put_payloads(url: str, data_dir: Path, keys: list[str], *, clock: Clock) -> None:
+    """Put `keys` in the store at `url`, stamped by `clock`."""
+
+    async def main() -> None:
+        store = open_store(url, data_dir=data_dir, clock=clock)
+        try:
+            for key in keys:
+                await store.put(key, b"orphan")
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_gc_collects_old_orphans_only(gc_kqs: tuple[KqsProcess, str]) -> None:
+    """`kqs gc` (the `gc` call) deletes this node's payloads older than gc_window whose
+    jobs are finished; fresh orphans, live jobs' payloads (however old) and other
+    nodes' payloads stay. On the file store and on GridFS alike."""
+    server, url = gc_kqs
+    with Client("127.0.0.1", server.port) as c:
+        node = c.call("hello")["node"]
+        live = c.insert("big", "q" * (100 * 1024))
+    wait_fed(server.port)
+    old, fresh = f"{node}-00000000000000001", f"{node}-00000000000000002"
+    foreign = "elsewhere-00000000000000003"
+    hour_ago = time.time() - 3600
+    put_payloads(url, server.data_dir, [old, foreign], clock=ManualClock(start=hour_ago))
+    put_payloads(url, server.data_dir, [fresh], clock=SYSTEM_CLOCK)
+    backdate(url, server.data_dir, live, hour_ago)
+    assert stored_keys(url, server.data_dir) == sorted([live, old, fresh, foreign])
+    with Client("127.0.0.1", server.port) as c:
+        assert c.call("gc") == {"collected": 1}
+        assert c.call("gc") == {"collected": 0}
+    assert stored_keys(url, server.data_dir) == sorted([live, fresh, foreign])

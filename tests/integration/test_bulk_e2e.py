@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,3 +89,31 @@ def test_5_and_20_mib_jobs_and_binary_payloads_run_end_to_end(
     stats = call(server, "stats")
     assert stats["bulk"]["stored"] == 3  # all but the small binary job went through the store
     wait_until(lambda: stored_payloads(store_url) == 0, timeout=20, what="payloads deleted")
+
+
+def test_a_command_handler_gets_the_full_body_and_base64_values_as_they_are(
+    tmp_path: Path, server: KqsProcess, store_url: str
+) -> None:
+    """A command handler gets, on stdin, the whole body of a job fed as a bulk reference
+    (fetched from the store, not the reference), and `{"$base64": ...}` values untouched
+    (only Python handlers get bytes), like a job small enough for beanstalkd."""
+    blob = {"$base64": base64.b64encode(os.urandom(3000)).decode()}
+    large = {"exit": 0, "text": "c" * (200 * 1024), "blob": blob}
+    small = {"exit": 0, "blob": blob}
+    out = tmp_path / "out"
+    jobs = f'[types.cmd]\ncommand = ["{sys.executable}", "-m", "{HANDLERS}"]\n'
+    with RunnerProcess(tmp_path, jobs, [server], out) as runner:
+        wait_watching(server, "cmd")
+        with Client("127.0.0.1", server.port, timeout=30) as c:
+            large_id = c.insert("cmd", large, ttr=40)
+            small_id = c.insert("cmd", small, ttr=40)
+        wait_finished(server, timeout=60)
+        assert runner.stop() == 0, runner.log_tail()
+    assert call(server, "stats")["bulk"]["stored"] == 1  # the large one went through the store
+    got = {i: orjson.loads((out / f"stdin-{i}-1.json").read_bytes()) for i in (large_id, small_id)}
+    assert got[large_id]["data"] == large
+    assert got[small_id]["data"] == small
+    assert got[large_id]["data"]["blob"] == blob  # the same text, not decoded
+    assert set(got[large_id]) == set(got[small_id])  # every field of the body, no "bulk"
+    assert "bulk" not in got[large_id]
+    assert got[large_id]["id"] == large_id and got[large_id]["ttr"] == 40

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import MongoClient
+from pymongo import AsyncMongoClient, MongoClient, WriteConcern, monitoring
 
 from kqs.store import BulkStore, PayloadMissing, StoreUnavailable, open_store
 from kqs.store.mongo import MongoStore
@@ -187,3 +187,43 @@ def test_an_interrupted_delete_is_listed_and_finished_by_the_next_delete(
             await store.close()
 
     asyncio.run(main())
+
+
+class WriteLog(monitoring.CommandListener):
+    """The write commands a client sends, with their write concern."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, Any]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name in ("insert", "update", "delete"):
+            self.writes.append((event.command_name, event.command.get("writeConcern")))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def test_a_put_that_finds_its_file_waits_for_the_write_concern(mongod: MongodProcess) -> None:
+    """A file found by a re-put may come from a put that crashed before its write concern
+    was met: the re-put makes a write with that concern before it says stored."""
+    log = WriteLog()
+
+    async def main() -> None:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            mongod.url(), event_listeners=[log]
+        )
+        concern = WriteConcern("majority", j=True)
+        database = client[unique_database()].with_options(write_concern=concern)
+        store = MongoStore(client, database)
+        try:
+            await store.put("k", b"payload")
+            log.writes.clear()
+            await store.put("k", b"payload")
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+    assert log.writes == [("update", {"w": "majority", "j": True})]

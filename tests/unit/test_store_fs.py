@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,23 +42,57 @@ def test_names_that_are_not_key_files(name: str) -> None:
     assert key_of(name) is None  # "%41" is "A", whose own name is "A": not ours
 
 
-def test_put_creates_missing_directories_and_leaves_no_temp_file(tmp_path: Path) -> None:
-    directory = tmp_path / "a" / "b" / "bulk"
-    fsynced: list[int] = []
+Fsynced = list[tuple[Path, bool]]
+
+
+def recording_fsync(fsynced: Fsynced, key_file: Path) -> Callable[[int], None]:
+    """An fsync that records, in order, what each call synced (the path its fd is open
+    on) and whether `key_file` existed then (i.e. whether the rename had happened)."""
 
     def fsync(fd: int) -> None:
-        fsynced.append(fd)
+        fsynced.append((Path(os.readlink(f"/proc/self/fd/{fd}")), key_file.exists()))
         os.fsync(fd)
 
+    return fsync
+
+
+def test_put_fsyncs_new_directories_then_the_file_then_the_directory(tmp_path: Path) -> None:
+    root = tmp_path.resolve()
+    directory = root / "a" / "b" / "bulk"
+    fsynced: Fsynced = []
+
     async def main() -> None:
-        store = FileStore(directory, fsync=fsync)
+        store = FileStore(directory, fsync=recording_fsync(fsynced, directory / "k"))
         await store.put("k", b"data")
         assert await store.get("k") == b"data"
 
     asyncio.run(main())
     assert os.listdir(directory) == ["k"]
-    # three new directories' parents + the file + the directory after the rename
-    assert len(fsynced) == 5
+    *parents, (temp, renamed_before), last = fsynced
+    # each new directory's parent, top down (its entry made durable) ...
+    assert parents == [(root, False), (root / "a", False), (root / "a" / "b", False)]
+    # ... then the temp file, before the rename: its bytes are durable before its name ...
+    assert temp.parent == directory and temp.name.startswith(TMP_PREFIX)
+    assert not renamed_before
+    # ... then the directory, after the rename: the name is durable before put returns
+    assert last == (directory, True)
+
+
+def test_put_of_an_existing_key_fsyncs_the_directory(tmp_path: Path) -> None:
+    """A put that finds the key's file (e.g. renamed by a put that crashed before its
+    directory fsync, and the job fed again) makes the name durable before returning."""
+    directory = tmp_path.resolve() / "bulk"
+    directory.mkdir()
+    (directory / "k").write_bytes(b"renamed, directory not fsynced")
+    fsynced: Fsynced = []
+
+    async def main() -> None:
+        await FileStore(directory, fsync=recording_fsync(fsynced, directory / "k")).put("k", b"x")
+
+    asyncio.run(main())
+    assert fsynced == [(directory, True)]
+    assert os.listdir(directory) == ["k"]
+    assert (directory / "k").read_bytes() == b"renamed, directory not fsynced"
 
 
 def test_stored_time_is_the_clock_time_as_mtime(tmp_path: Path) -> None:
