@@ -258,21 +258,33 @@ def run(
         runner = Runner(config, chosen, token=token or None, tls=context)
         return await runner.run()
 
+    log = logging.getLogger("kqs.runner")
     try:
         code = run_loop(main())
     except ConfigError as exc:
         raise click.ClickException(f"jobs: {exc}") from exc
+    except BaseException as exc:
+        # asyncio lets KeyboardInterrupt and SystemExit raised in a task out of the loop
+        # (a handler's gather or wait_for can do that), and a bug may end it too: the
+        # runner stops, its reserved jobs go back to beanstalkd with its connections.
+        if runner is None or not runner.threads_busy:
+            raise
+        log.critical("stopped by %r; reserved jobs go back to beanstalkd", exc)
+        code = _EXIT_CODES.get(type(exc), 1)
     if runner is not None and runner.threads_busy:
-        # A sync handler that outlived the grace period cannot be stopped; its job was
-        # released. Do not wait for its thread at interpreter exit.
-        logging.getLogger("kqs.runner").warning(
-            "%d sync handler thread(s) still running; exiting without them",
-            runner.threads_busy,
+        # A sync handler that outlived its time cannot be stopped; its job was released
+        # (or goes back with the connection). Do not wait for its thread at exit.
+        log.warning(
+            "%d sync handler thread(s) still running; exiting without them", runner.threads_busy
         )
         logging.shutdown()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+#: Exit status of `kqs run` stopped by an exception that left the event loop.
+_EXIT_CODES: dict[type[BaseException], int] = {KeyboardInterrupt: 130}
 
 
 @main.group()

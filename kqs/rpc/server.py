@@ -183,8 +183,13 @@ class Connection(asyncio.Protocol):
         self.send(reply)
 
     def start(self, req: Request, handler: Handler) -> None:
+        """Start `req`; a handler may refuse it at once (KqsError), before it runs."""
+        try:
+            call = handler(self.server.service, req.params, self.caller)
+        except KqsError as exc:
+            self.send(encode_error(req.id, exc))
+            return
         self.inflight += 1
-        call = handler(self.server.service, req.params, self.caller)
         task = asyncio.ensure_future(self.run(req, call))
         self.server.tasks.add(task)
         task.add_done_callback(self.server.tasks.discard)

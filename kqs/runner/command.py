@@ -119,11 +119,14 @@ def _retry_after(line: bytes) -> float | None:
 
 
 async def _read_stderr(stream: asyncio.StreamReader | None, into: StderrTail) -> None:
-    """Read `stream` to its end into `into`."""
-    if stream is not None:
-        while chunk := await stream.read(65536):
-            into.feed(chunk)
-    into.close()
+    """Read `stream` to its end into `into`; its last line is settled even when the read
+    is cut short (a child of the program holding stderr open)."""
+    try:
+        if stream is not None:
+            while chunk := await stream.read(65536):
+                into.feed(chunk)
+    finally:
+        into.close()
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:

@@ -87,6 +87,16 @@ async def interrupted_async(job: JobContext) -> None:
     interrupted(job)
 
 
+async def interrupted_in_a_task(job: JobContext) -> None:
+    """Raises KeyboardInterrupt in a task it awaits: asyncio lets that out of the loop."""
+    record("interrupted", "run", job.id, job.attempt)
+
+    async def inner() -> None:
+        raise KeyboardInterrupt("interrupted in a task")
+
+    await asyncio.gather(inner())
+
+
 def touching(job: JobContext) -> None:
     """Touches its job from its thread; records `touched:<result>`."""
     record("touch", f"touched:{job.touch_sync()}", job.id, job.attempt)

@@ -363,6 +363,35 @@ retry = {{ backoff = "constant", base = 0 }}
     assert "KeyboardInterrupt: interrupted in the handler" in runner.log_tail(100_000)
 
 
+def test_a_runner_stopped_by_an_escaping_interrupt_exits_despite_a_hung_thread(
+    tmp_path: Path, server: KqsProcess
+) -> None:
+    """KeyboardInterrupt raised in a task a handler awaits leaves asyncio's loop (it
+    cannot be caught around the handler): the runner stops, and does not wait at exit for
+    a sync handler's thread that will not return for a long while."""
+    out = tmp_path / "out"
+    jobs = f"""
+[types.hang]
+handler = "{HANDLERS}:slow_sync"
+timeout = 0.3
+retry = {{ base = 600 }}
+[types.boom]
+handler = "{HANDLERS}:interrupted_in_a_task"
+"""
+    with RunnerProcess(tmp_path, jobs, [server], out) as runner:
+        wait_watching(server, "hang")
+        wait_watching(server, "boom")
+        insert(server, "hang", {"seconds": 60})
+        wait_until(
+            lambda: "its thread keeps one of the type's slots" in runner.log_tail(100_000),
+            what="the hang job given up on",
+        )
+        boom = insert(server, "boom")
+        assert runner.wait(timeout=20) == 130
+        assert [r.id for r in read_records(out, "interrupted")] == [boom]
+    assert "stopped by KeyboardInterrupt" in runner.log_tail(100_000)
+
+
 def test_handlers_touch_their_jobs(
     tmp_path: Path, beanstalkd: BeanstalkdProcess, server: KqsProcess
 ) -> None:

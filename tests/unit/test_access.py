@@ -108,6 +108,22 @@ def test_auth_pipelined_with_requests_applies_to_the_requests_after_it() -> None
     asyncio.run(main())
 
 
+def test_an_admin_check_sees_the_level_of_the_lines_before_it_not_after() -> None:
+    async def main() -> None:
+        s = session(Access(token=USER, admin_token=ADMIN))
+        s.send(
+            call(1, "auth", {"token": USER}),
+            call(2, "retry", {"type": "mail"}),  # user level here: forbidden
+            call(3, "auth", {"token": ADMIN}),
+        )
+        got = await s.replies(3)
+        assert got[1] == {"admin": False}
+        assert code(got[2]) == "forbidden"
+        assert got[3] == {"admin": True}
+
+    asyncio.run(main())
+
+
 def test_a_wrong_token_pipelined_closes_and_nothing_after_it_runs() -> None:
     async def main() -> None:
         s = session(Access(token=USER))

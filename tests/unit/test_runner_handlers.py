@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+import uvloop
 
 from kqs.errors import ConfigError
 from kqs.runner import Dead, Fail, JobContext, Retry
@@ -286,6 +287,22 @@ def test_command_asks_for_its_retry_delay_on_stderr() -> None:
     assert run_command(sh("echo 'kqs-retry-after: 3' >&2; kill -9 $$")) == Outcome(
         "retry", "killed by signal 9", 3
     )
+
+
+def test_the_last_stderr_line_counts_when_a_child_keeps_stderr_open() -> None:
+    """A background child holding stderr open: the read is cut after a second (on uvloop,
+    `kqs run`'s loop, the program's exit does not wait for its pipes), and the last line,
+    with no newline, is still read: the delay, and the error text."""
+
+    async def run_until_the_child_is_gone(script: str) -> Outcome:
+        out = await sh(f"sleep 1.5 & {script}").run(job(), BODY, None)
+        await asyncio.sleep(1.0)  # the child exits, its end of stderr with it
+        return out
+
+    out = uvloop.run(run_until_the_child_is_gone("printf 'boom\\nkqs-retry-after: 30' >&2; exit 3"))
+    assert out == Outcome("retry", "exit code 3: boom", 30)
+    out = uvloop.run(run_until_the_child_is_gone("printf 'line1\\nboom' >&2; exit 3"))
+    assert out == Outcome("retry", "exit code 3: line1\nboom")
 
 
 def test_a_retry_delay_line_only_counts_when_the_exit_means_retry() -> None:
