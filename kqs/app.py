@@ -91,6 +91,8 @@ async def collect_orphans(service: Service, clock: Clock, interval: float) -> No
             await service.gc()
         except Unavailable as exc:
             log.warning("orphan collection skipped: %s", exc.message)
+        except Exception:  # a bug must not end collection for good: log, go on
+            log.exception("orphan collection failed; trying again in %g s", interval)
 
 
 async def serve(

@@ -412,13 +412,13 @@ class Feeder:
         ids = [t for t in taken if isinstance(t, str) and t in jobs and jobs[t].dead is None]
         loaded: dict[str, FeedItem] = {}
         if ids:
-            try:
+            try:  # anything failing here puts the whole batch back: nothing is dropped
                 bodies = await self._journal.read_bodies(ids)
+                for job_id, body in zip(ids, bodies, strict=True):
+                    loaded[job_id] = FeedItem.of(Job.from_body(body), body)
             except BaseException:
                 self._queue.extendleft(reversed(taken))
                 raise
-            for job_id, body in zip(ids, bodies, strict=True):
-                loaded[job_id] = FeedItem.of(Job.from_body(body), body)
         items: list[FeedItem] = []
         for t in taken:
             item = loaded.get(t) if isinstance(t, str) else t

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -283,26 +283,28 @@ class Service:
         """Feed dead jobs again with attempts reset (a new beanstalkd job each)."""
         ids = await self._claim_dead(params, allow_all=False)
         try:
-            stale = [StaleCopy(self.journal.jobs[i].bid, i) for i in ids]
-            await asyncio.gather(*(self.journal.revive(i) for i in ids))
+            stale = {i: StaleCopy(self.journal.jobs[i].bid, i) for i in ids}
+            done, failure = await _each(self.journal.revive, ids)
         finally:
             self._release(ids)
-        self.feeder.discard(s for s in stale if s.bid)
-        self.feeder.resubmit(ids)
-        return {"retried": len(ids)}
+        self.feeder.discard(stale[i] for i in done if stale[i].bid)
+        self.feeder.resubmit(done)
+        _raise_partial(failure, len(done), "retried")
+        return {"retried": len(done)}
 
     async def purge(self, params: Any) -> dict[str, Any]:
         """Remove dead jobs for good."""
         ids = await self._claim_dead(params, allow_all=True)
         try:
-            entries = [self.journal.jobs[i] for i in ids]
-            await asyncio.gather(*(self.journal.purge(i) for i in ids))
+            entries = {i: self.journal.jobs[i] for i in ids}
+            done, failure = await _each(self.journal.purge, ids)
         finally:
             self._release(ids)
-        self.feeder.discard(StaleCopy(e.bid, i) for i, e in zip(ids, entries, strict=True) if e.bid)
-        for job_id, entry in zip(ids, entries, strict=True):
-            self.feeder.forget(job_id, entry.length)
-        return {"purged": len(ids)}
+        self.feeder.discard(StaleCopy(entries[i].bid, i) for i in done if entries[i].bid)
+        for job_id in done:
+            self.feeder.forget(job_id, entries[job_id].length)
+        _raise_partial(failure, len(done), "purged")
+        return {"purged": len(done)}
 
     # -- figures ---------------------------------------------------------------------
 
@@ -386,3 +388,24 @@ class Service:
                 "unattended": ready > 0 and watching <= 0,
             }
         return out
+
+
+async def _each(
+    change: Callable[[str], Awaitable[None]], ids: list[str]
+) -> tuple[list[str], BaseException | None]:
+    """Journal `change` of every id at once, awaiting all of them even when some fail:
+    the ids it was made for (in order), and the first failure (None if none)."""
+    results = await asyncio.gather(*(change(i) for i in ids), return_exceptions=True)
+    done = [i for i, r in zip(ids, results, strict=True) if not isinstance(r, BaseException)]
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    return done, failure
+
+
+def _raise_partial(failure: BaseException | None, done: int, what: str) -> None:
+    """Raise `failure` (if any), saying how many jobs were `what` before it: those are
+    carried out (fed again, or gone) and the rest left as they were."""
+    if failure is None:
+        return
+    if isinstance(failure, KqsError):
+        raise type(failure)(f"{failure.message} ({done} {what} nevertheless)") from failure
+    raise failure

@@ -28,6 +28,7 @@ class FakeJournal:
         self.jobs: dict[str, Entry] = {}
         self.bodies: dict[str, bytes] = {}
         self.failing_reads = 0  # the next reads raise an unexpected error
+        self.garbled_reads = 0  # the next reads return bytes that are not a job body
 
     def add(self, job: Job) -> FeedItem:
         body = job.body()
@@ -44,6 +45,9 @@ class FakeJournal:
         if self.failing_reads:
             self.failing_reads -= 1
             raise RuntimeError("a bug in the journal")
+        if self.garbled_reads:
+            self.garbled_reads -= 1
+            return [b"not a job body" for _ in job_ids]
         return [self.bodies[j] for j in job_ids]
 
 
@@ -423,6 +427,23 @@ def test_an_unexpected_error_is_logged_and_feeding_goes_on(
     logged = [r for r in caplog.records if r.exc_info is not None]
     assert len(logged) == 2
     assert "a bug in the journal" in str(logged[0].exc_info[1] if logged[0].exc_info else "")
+
+
+def test_a_batch_whose_bodies_cannot_be_read_back_is_fed_later_not_dropped() -> None:
+    async def body() -> None:
+        server, journal, clock = FakeBeanstalk(), FakeJournal(), ManualClock()
+        journal.garbled_reads = 1
+        feeder = make(server, journal, clock)
+        for i in range(3):
+            journal.add(job(i))
+        feeder.load()
+        task = asyncio.create_task(feeder.run())
+        await until(lambda: feeder.stats.fed == 3 or task.done(), "fed after the bad read")
+        assert in_beanstalk(server) == set(journal.jobs)
+        feeder.stop()
+        await task
+
+    run(body)
 
 
 def big_job(n: int, size: int) -> Job:

@@ -233,9 +233,13 @@ class TimedService(Service):
     """A Service that records the clock time of every `gc` run."""
 
     gc_runs: list[float]
+    bugs = 0  # the next runs fail with an error that is not Unavailable
 
     async def gc(self) -> dict[str, Any]:
         self.gc_runs.append(self.clock.time())
+        if self.bugs:
+            self.bugs -= 1
+            raise RuntimeError("a bug in gc")
         return await super().gc()
 
 
@@ -273,9 +277,12 @@ def test_collect_orphans_collects_old_orphans_every_interval_and_survives_outage
             await clock.step(8)  # t0 + 150: runs fail, the collector goes on
             assert "orphan collection skipped" in caplog.text
             store.unavailable = False
-            await clock.step()  # t0 + 160
+            service.bugs = 1
+            await clock.step()  # t0 + 160: a bug, logged; the collector goes on
+            assert "orphan collection failed" in caplog.text
+            await clock.step()  # t0 + 170
             assert store.keys() == [live.id, "other-0003"]
-            assert service.gc_runs == [t0 + 10 * n for n in range(1, 17)]
+            assert service.gc_runs == [t0 + 10 * n for n in range(1, 18)]
         finally:
             collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
