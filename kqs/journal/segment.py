@@ -218,6 +218,30 @@ def _keep_torn(io: DiskIO, directory: Path, number: int, buf: bytes, torn: BadRa
         return f"no copy kept: {exc}"
 
 
+def _quarantine_tail(
+    io: DiskIO, directory: Path, number: int, buf: bytes, tail: BadRange, loaded: Loaded
+) -> bool:
+    """Copy a corrupt tail of the last segment to quarantine (into `loaded`); True once
+    copied, so it may be cut. On a full disk, False, with an error log: the bytes stay in
+    the segment, are skipped, and are quarantined at a later start (appends go after
+    them, so they are then a corrupt range like any other), and the journal starts."""
+    try:
+        loaded.quarantined += _keep(io, directory, QUARANTINE, number, buf, [tail])
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        log.error(
+            "journal segment %s: %d bad bytes at offset %d left in place, skipped: no room"
+            " to quarantine them (%s); they are quarantined at a start with free space",
+            path_of(directory, number),
+            tail.length,
+            tail.start,
+            exc,
+        )
+        return False
+    return True
+
+
 def _without(buf: bytes, bad: list[BadRange], end: int) -> bytes:
     """`buf[:end]` with the bad ranges cut out."""
     parts: list[bytes] = []
@@ -236,10 +260,12 @@ def load(
     the file on disk. No damaged byte is dropped without a copy.
 
     A torn tail of the last segment (an unfinished write) is copied to `<dir>/torn/`,
-    then cut off (ftruncate + fsync, a warning). Every other bad range (corrupt ranges
-    anywhere, including a whole but invalid last record; a bad tail of a non-last
-    segment) is copied to the quarantine directory and the segment is rewritten
-    without it (temp file, fsync, rename, directory fsync, an error log). The offsets
+    then cut off (ftruncate + fsync, a warning). A corrupt tail of the last segment (a
+    whole but invalid last record) is copied to the quarantine directory, then cut off
+    likewise (an error log; with no room for the copy it is left in place, see
+    `_quarantine_tail`). Every other bad range (corrupt ranges anywhere else, a bad tail
+    of a non-last segment) is copied to the quarantine directory and the segment is
+    rewritten without it (temp file, fsync, rename, directory fsync, an error log). The offsets
     `apply` sees are those of the repaired file: a record's own, less the bad bytes
     before it. Records are applied as they are found, so replay holds one segment's
     bytes and nothing per record.
@@ -256,28 +282,35 @@ def load(
             bad.append(item)
             cut += item.length
     torn = bad.pop() if bad and bad[-1].torn and last else None
-    keep_end = torn.start if torn is not None else len(buf)
+    # a whole but invalid last record of the last segment (and what follows it): cut
+    # like a torn tail, no rewrite needed, but quarantined as the damage it is
+    tail = bad.pop() if last and torn is None and bad and bad[-1].end == len(buf) else None
+    cut_at = torn or tail
+    keep_end = cut_at.start if cut_at is not None else len(buf)
     loaded = Loaded(number, keep_end, records)
     copy = _keep_torn(io, directory, number, buf, torn) if torn is not None else ""
+    if tail is not None and not _quarantine_tail(io, directory, number, buf, tail, loaded):
+        keep_end = loaded.size = len(buf)  # no room for its copy: left where it is
+        cut_at = None
     if bad:
-        loaded.quarantined = _keep(io, directory, QUARANTINE, number, buf, bad)
+        loaded.quarantined[:0] = _keep(io, directory, QUARANTINE, number, buf, bad)
         repaired = _without(buf, bad, keep_end)
         tmp = directory / f"{number:08d}{TMP_SUFFIX}"
         _write_file(io, tmp, repaired)
         io.rename(tmp, path)
         io.fsync_dir(directory)
-        for q in loaded.quarantined:
-            log.error(
-                "journal segment %s: %d bad bytes at offset %d moved to %s; "
-                "the records after them were kept",
-                path,
-                q.length,
-                q.offset,
-                q.path,
-            )
         loaded.size = len(repaired)
-    elif torn is not None:
+    elif cut_at is not None:
         _truncate(io, path, keep_end)
+    for q in loaded.quarantined:
+        log.error(
+            "journal segment %s: %d bad bytes at offset %d moved to %s; "
+            "the records after them were kept",
+            path,
+            q.length,
+            q.offset,
+            q.path,
+        )
     if torn is not None:
         loaded.torn_bytes = torn.length
         log.warning(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from pathlib import Path
 
 import pytest
 
 from kqs.journal import Journal, Quarantined
+from kqs.journal.diskio import DiskIO
 from kqs.journal.record import Record, scan
 
 SEG1 = "00000001.seg"
@@ -155,6 +157,59 @@ def test_corrupt_last_record_of_the_last_segment_is_quarantined_not_cut(
 
     asyncio.run(more())
     close(reopen_and_check(tmp_path, [1, 2, 4]))
+
+
+class NoRoomForQuarantine(DiskIO):
+    """A disk where writing a quarantine copy fails with ENOSPC (the space it needs is
+    just not there; the journal's own reserve was made earlier)."""
+
+    def __init__(self) -> None:
+        self.fds: set[int] = set()
+
+    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
+        fd = super().open(path, flags, mode)
+        if path.parent.name == "quarantine":
+            self.fds.add(fd)
+        return fd
+
+    def close(self, fd: int) -> None:
+        self.fds.discard(fd)  # the number may be reused by a segment
+        super().close(fd)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        if fd in self.fds:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(fd, data)
+
+
+def test_a_corrupt_last_record_with_no_room_to_quarantine_it_is_left_in_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The journal still starts (a full disk must not keep it from serving finishes):
+    the bytes are skipped, and quarantined at the first start with room for them."""
+    write_jobs(tmp_path, [[1], [2], [3]])
+    path = tmp_path / SEG1
+    data = bytearray(path.read_bytes())
+    last = record_offsets(bytes(data))[-1]
+    data[last + 20] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    with caplog.at_level(logging.ERROR, logger="kqs.journal"):
+        journal = Journal.open(tmp_path, io=NoRoomForQuarantine())
+    assert list(journal.jobs) == [jid(1), jid(2)]
+    assert journal.report.quarantined == ()
+    assert "left in place" in caplog.text
+    assert path.read_bytes() == bytes(data)  # nothing cut without its copy
+
+    async def more() -> None:
+        await journal.append_inserts([(jid(4), body(4))])
+        await journal.close()
+
+    asyncio.run(more())
+    later = reopen_and_check(tmp_path, [1, 2, 4])  # room again: quarantined now
+    (q,) = later.report.quarantined
+    assert (q.offset, q.path.read_bytes()) == (last, bytes(data[last:]))
+    close(later)
 
 
 def test_a_second_torn_tail_at_the_same_offset_keeps_the_first_copy(tmp_path: Path) -> None:
