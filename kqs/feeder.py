@@ -14,9 +14,10 @@ Contract:
   (kqs/offload.py) and a small reference is fed instead; with no store it is set aside,
   counted and reported.
 - Put outcomes other than INSERTED are handled on purpose: BURIED (beanstalkd could not
-  grow its queue) is kicked back to ready, and if the kick fails the buried copy is
-  deleted and the job put again; DRAINING and OUT_OF_MEMORY back off and retry;
-  JOB_TOO_BIG goes the large-body way above.
+  grow its queue) is kicked back to ready if the job is due (a delayed one's copy is
+  deleted and it is put again after a backoff, its delay kept), and if the kick fails
+  the buried copy is deleted and the job put again; DRAINING and OUT_OF_MEMORY back
+  off and retry; JOB_TOO_BIG goes the large-body way above.
 - Stale copies (of retried or purged dead jobs, of failed kicks, zeroed husks) are
   deleted only after a `peek` shows the beanstalkd id still carries that copy. A copy
   another connection has reserved cannot be deleted (beanstalkd answers NOT_FOUND); it is
@@ -490,9 +491,13 @@ class Feeder:
             self._queue.extendleft(reversed(items))
             raise
         sorted_out = self._sort_out(items, results)
-        kicked, unkicked = await self._kick(client, sorted_out.buried)
+        # A kick makes a job ready at once: only for jobs already due. A delayed one's
+        # buried copy is deleted and the job put again later, its delay kept.
+        due = [(item, bid) for item, bid in sorted_out.buried if item.due <= now]
+        delayed = [(item, bid) for item, bid in sorted_out.buried if item.due > now]
+        kicked, unkicked = await self._kick(client, due)
         self._record_fed(sorted_out.fed + kicked)
-        self._drop_buried(unkicked, sorted_out.retry)
+        self._drop_buried(unkicked + delayed, sorted_out.retry)
         retry = sorted_out.retry
         if retry:
             self.stats.put_retries += len(retry)

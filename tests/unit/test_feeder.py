@@ -376,6 +376,28 @@ def test_carries_matches_only_its_own_body() -> None:
     assert not carries(b'{"id":"n-0008"}', "n-0007")
 
 
+def test_a_delayed_job_buried_on_put_is_put_again_with_its_delay_not_kicked() -> None:
+    async def body() -> None:
+        server, journal, clock = FakeBeanstalk(), FakeJournal(), ManualClock()
+        server.answers = ["BURIED"]
+        feeder = make(server, journal, clock)
+        task = asyncio.create_task(feeder.run())
+        feeder.submit([journal.add(job(1, delay=600, ts=clock.time()))])
+
+        def settled() -> bool:
+            states = [status for _, status in server.jobs.values()]
+            return states == ["INSERTED"] and feeder.pending == 0
+
+        await until(settled, "one copy, put again")
+        assert server.kicked == []  # a kick would have made it ready 600 s early
+        ((item, _),) = server.jobs.values()
+        assert item.delay > 500
+        feeder.stop()
+        await task
+
+    run(body)
+
+
 @pytest.mark.parametrize("kick", ["not_found", "broken"])
 def test_a_buried_put_whose_kick_fails_ends_up_ready(kick: str) -> None:
     """BURIED on put, then the kick fails (NOT_FOUND, or the connection breaks): the
