@@ -19,9 +19,8 @@ Contract:
   the buried copy is deleted and the job put again; DRAINING and OUT_OF_MEMORY back
   off and retry; JOB_TOO_BIG goes the large-body way above.
 - Stale copies (of retried or purged dead jobs, of failed kicks, zeroed husks) are
-  deleted only after a `peek` shows the beanstalkd id still carries that copy. A copy
-  another connection has reserved cannot be deleted (beanstalkd answers NOT_FOUND); it is
-  held and tried again every STALE_RETRY_EVERY s until it is gone, for STALE_RETRY_FOR s.
+  deleted on the feeder's connection as kqs/stale.py says: only while they still carry
+  that copy, and again later if a runner holds one.
 - An unexpected exception is logged with its traceback and feeding starts over on a new
   connection after a backoff: the feeder never stops silently.
 """
@@ -34,23 +33,17 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 from kqs.backoff import Backoff
 from kqs.beanstalk import BeanstalkError, BeanstalkUnavailable, PutItem, PutResult
 from kqs.clock import Clock
 from kqs.model import Job
 from kqs.offload import Offloader
+from kqs.stale import StaleCopies, StaleCopy, carries, zeroed
 from kqs.store import BulkStore
 
 log = logging.getLogger("kqs.feeder")
-
-STALE_RETRY_EVERY = 1.0
-"""Seconds between attempts at deleting stale copies another connection holds."""
-STALE_RETRY_FOR = 3600.0
-"""Seconds after which such a copy is given up on (its TTR has long passed by then)."""
-STALE_RETRY_MAX = 10_000
-"""At most this many such copies are held; beyond it the oldest is given up on."""
 
 
 class FedEntry(Protocol):
@@ -114,15 +107,6 @@ class FeedItem:
         return FeedItem(job.id, job.type, job.prio, job.ttr, job.ts + job.delay, body)
 
 
-class StaleCopy(NamedTuple):
-    """A beanstalkd job to delete: `bid`, if it still carries a copy of kqs job `job_id`
-    that the journal does not name as the job's live copy; with `job_id` "", if its
-    body is zeroed (a husk restored from a torn binlog record)."""
-
-    bid: int
-    job_id: str
-
-
 @dataclass(slots=True)
 class FeederStats:
     fed: int = 0
@@ -143,18 +127,6 @@ class _PutOutcome:
     fed: list[tuple[str, int]]
     buried: list[tuple[FeedItem, int]]
     retry: list[FeedItem]
-
-
-def carries(body: bytes, job_id: str) -> bool:
-    """True if a beanstalkd job body is the body of kqs job `job_id` (id is the first key)."""
-    return body.startswith(b'{"id":"' + job_id.encode() + b'"')
-
-
-def zeroed(body: bytes) -> bool:
-    """True for a body of NUL bytes only: what beanstalkd restores from a binlog record
-    whose header reached the file and whose body did not (it was killed in between).
-    Such a job is nobody's job, so verification deletes it."""
-    return not body.strip(b"\0")
 
 
 class Feeder:
@@ -188,10 +160,7 @@ class Feeder:
         self._client: FeedConnection | None = None
         self._instance: tuple[object, object] | None = None
         self._verify = True
-        self._discard: list[StaleCopy] = []
-        # stale copies another connection held, with when that was first seen (monotonic)
-        self._held: dict[StaleCopy, float] = {}
-        self._next_held_retry = 0.0
+        self.stale = StaleCopies(lambda: journal.jobs, clock)
         self.too_big: dict[str, str] = {}
         self.stats = FeederStats()
         self._smallest_limit = max_body
@@ -220,13 +189,13 @@ class Feeder:
     def discard(self, copies: Iterable[StaleCopy]) -> None:
         """Delete these stale copies (e.g. of retried or purged dead jobs) when next
         connected, and later if a runner holds one; best effort."""
-        self._discard.extend(copies)
+        self.stale.add(copies)
         self._wake.set()
 
     @property
     def stale_copies(self) -> int:
         """Stale copies not deleted yet: asked for, or held by another connection."""
-        return len(self._discard) + len(self._held)
+        return len(self.stale)
 
     @property
     def max_body(self) -> int:
@@ -324,9 +293,9 @@ class Feeder:
         client = await self._connected()
         if self._verify:
             await self._verify_fed(client)
-        if self._discard or self._held_due():
-            await self._delete_stale(client)
-        if not self._queue and not self._discard:
+        if self.stale.due():
+            await self.stale.delete(client)
+        if not self._queue and not self.stale.asked:
             self._idle.set()
             if not await self._wait_for_work():
                 await self._check_instance(client)
@@ -369,9 +338,7 @@ class Feeder:
         if instance != self._instance:
             if self._instance is not None:
                 log.warning("beanstalkd is a new process; checking every fed job")
-                # held ids named jobs of the old process: check them anew on this one
-                self._discard.extend(self._held)
-                self._held.clear()
+                self.stale.new_instance()
             self._instance = instance
             self._verify = True
 
@@ -393,7 +360,7 @@ class Feeder:
     async def _wait_for_work(self) -> bool:
         """Wait for submitted work or the heartbeat; True if woken for work."""
         self._wake.clear()
-        if self._queue or self._discard or self._stopping:
+        if self._queue or self.stale.asked or self._stopping:
             return True
         try:
             await asyncio.wait_for(self._wake.wait(), self._heartbeat)
@@ -561,84 +528,6 @@ class Feeder:
         """Buried copies that stay buried: delete them, and put their jobs again."""
         self.discard(StaleCopy(bid, item.job_id) for item, bid in buried)
         retry += [item for item, _ in buried]
-
-    # -- stale copies ------------------------------------------------------------------
-
-    def _held_due(self) -> bool:
-        """True if held stale copies are due for another try."""
-        return bool(self._held) and self._clock.monotonic() >= self._next_held_retry
-
-    async def _delete_stale(self, client: FeedConnection) -> None:
-        """Delete the stale copies asked for that are still stale, and try again the held
-        ones when due; hold those another connection has reserved. On a lost connection
-        the copies asked for are asked for again."""
-        asked, self._discard = self._discard, []
-        due = list(self._held) if self._held_due() else []
-        try:
-            asked = await self._still_stale(client, asked)
-            undeletable = await self._delete_copies(client, asked + due)
-        except BaseException:
-            self._discard[:0] = asked
-            raise
-        self._settle_held(asked, due, set(undeletable))
-
-    async def _still_stale(
-        self, client: FeedConnection, copies: list[StaleCopy]
-    ) -> list[StaleCopy]:
-        """The copies whose beanstalkd id still carries what was to be deleted (an id of
-        a restarted beanstalkd may name another job now)."""
-        if not copies:
-            return []
-        bodies = await client.peek_batch([c.bid for c in copies])
-        jobs = self._journal.jobs
-        stale: list[StaleCopy] = []
-        for copy, body in zip(copies, bodies, strict=True):
-            if body is None:
-                continue
-            if copy.job_id == "":
-                matches = zeroed(body)
-            else:
-                live = jobs.get(copy.job_id)
-                matches = carries(body, copy.job_id) and (live is None or live.bid != copy.bid)
-            if matches:
-                stale.append(copy)
-        return stale
-
-    async def _delete_copies(
-        self, client: FeedConnection, copies: list[StaleCopy]
-    ) -> list[StaleCopy]:
-        """Delete the copies; return those beanstalkd still has (reserved by another
-        connection, so NOT_FOUND to our delete)."""
-        if not copies:
-            return []
-        deleted = await asyncio.gather(*(client.delete(c.bid) for c in copies))
-        missed = [c for c, ok in zip(copies, deleted, strict=True) if not ok]
-        found = await asyncio.gather(*(client.stats_job(c.bid) for c in missed))
-        return [c for c, info in zip(missed, found, strict=True) if info is not None]
-
-    def _settle_held(
-        self, asked: list[StaleCopy], due: list[StaleCopy], undeletable: set[StaleCopy]
-    ) -> None:
-        """Update the held copies after a round of deletes: drop those gone, give up on
-        those held too long (or too many), hold the new ones."""
-        now = self._clock.monotonic()
-        for copy in due:
-            if copy not in undeletable:
-                del self._held[copy]
-            elif now - self._held[copy] > STALE_RETRY_FOR:
-                del self._held[copy]
-                log.warning("giving up deleting stale beanstalkd job %d: still reserved", copy.bid)
-        if due:
-            self._next_held_retry = now + STALE_RETRY_EVERY
-        for copy in asked:
-            if copy in undeletable and copy not in self._held:
-                if not self._held:
-                    self._next_held_retry = now + STALE_RETRY_EVERY
-                self._held[copy] = now
-        while len(self._held) > STALE_RETRY_MAX:
-            oldest = next(iter(self._held))
-            del self._held[oldest]
-            log.warning("giving up deleting stale beanstalkd job %d: too many held", oldest.bid)
 
     async def _verify_fed(self, client: FeedConnection) -> None:
         """Peek every job believed fed; queue again those beanstalkd no longer carries."""

@@ -27,9 +27,10 @@ from kqs.errors import (
     ShuttingDown,
     Unavailable,
 )
-from kqs.feeder import Feeder, FeedItem, StaleCopy
+from kqs.feeder import Feeder, FeedItem
 from kqs.journal import Journal
 from kqs.model import TUBE_RE, IdGenerator, Job, JobSpec, dumps_kept, parse_job
+from kqs.stale import StaleCopy
 from kqs.store import StoreUnavailable
 
 OUTCOMES = ("done", "dead")

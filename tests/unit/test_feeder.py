@@ -11,8 +11,9 @@ import pytest
 
 from kqs.beanstalk import BeanstalkUnavailable, PutItem, PutResult, PutStatus
 from kqs.clock import ManualClock
-from kqs.feeder import STALE_RETRY_FOR, Feeder, FeedItem, StaleCopy, carries
+from kqs.feeder import Feeder, FeedItem
 from kqs.model import Job
+from kqs.stale import RETRY_FOR, StaleCopy, carries
 from kqs.store import MemoryStore
 
 
@@ -551,7 +552,7 @@ def test_a_stale_copy_held_for_too_long_is_given_up() -> None:
         server.reserved_elsewhere.add(bid)
         feeder.discard([StaleCopy(bid, "n-0001")])
         await until(lambda: server.deletes == [bid], "held")
-        clock.advance(STALE_RETRY_FOR + 1)
+        clock.advance(RETRY_FOR + 1)
         await until(lambda: feeder.stale_copies == 0, "given up")
         server.reserved_elsewhere.clear()
         clock.advance(10)
