@@ -10,9 +10,8 @@ feeder a reference body to put instead:
 
 Runners see `bulk` and fetch the full body from the store. While the store is down,
 large jobs wait here (counted in `stats`, with `why` saying why) and small jobs keep
-flowing. Payloads of
-finished jobs are deleted; `collect` removes orphans this node left (e.g. after a crash
-between the store write and the finish).
+flowing. Payloads of finished jobs are deleted; `collect` removes orphans this node left
+(e.g. after a crash between the store write and the finish).
 """
 
 from __future__ import annotations

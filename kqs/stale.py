@@ -90,9 +90,11 @@ class StaleCopies:
 
     def due(self) -> bool:
         """True if `delete` has something to do now."""
-        return bool(self.asked) or (
-            bool(self._held) and self._clock.monotonic() >= self._next_retry
-        )
+        return bool(self.asked) or self._held_due()
+
+    def _held_due(self) -> bool:
+        """True if the held copies are due for another try."""
+        return bool(self._held) and self._clock.monotonic() >= self._next_retry
 
     def new_instance(self) -> None:
         """beanstalkd is a new process: held ids named jobs of the old one; check anew."""
@@ -104,7 +106,7 @@ class StaleCopies:
         when due; hold those another connection has reserved. If the connection fails,
         the copies asked for are asked for again."""
         asked, self.asked = self.asked, []
-        due = list(self._held) if self._held and self.due() else []
+        due = list(self._held) if self._held_due() else []
         try:
             asked = await self._still_stale(client, asked)
             undeletable = await self._delete(client, asked + due)
